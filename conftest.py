@@ -1,0 +1,1 @@
+# Lets `pytest` import the six top-level modules from tests/ without installing the project.

@@ -1,0 +1,596 @@
+"""
+Video in, prompts out: everything TinyLLaVA-Video-R1 reads before the model sees a token.
+
+1. load_video       -- the 16 frames of a clip, picked exactly as the reference picks them (SPEC.md s1)
+2. preprocess       -- frames -> SigLIP pixels: bicubic resize to S x S, x / 127.5 - 1 (SPEC.md s1)
+3. prompts          -- the qwen2_base chat template and the two answer modes (SPEC.md s1, s4; paper s3.3)
+4. readers          -- NextQA RL jsonl and LLaVA cold-start json (SPEC.md s6)
+5. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
+
+Run:
+    python data.py shapes --out data/shapes --train 2000 --test 250 --seed 0
+    python data.py bench                      # our reader vs decode-everything-then-pick
+"""
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Reading video
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+PTS_CONTAINERS = ("mov", "matroska")  # ffmpeg demuxer names whose packets carry presentation timestamps
+
+
+def frame_indices(n_frames, num_frames):
+    """Indices of the frames to keep: np.linspace(0, N-1, num_frames, dtype=int) (SPEC.md s1).
+
+    The int cast truncates, and a clip shorter than num_frames repeats indices, exactly as the
+    reference does. Returns an int64 array of shape (num_frames,).
+    """
+    return np.linspace(0, n_frames - 1, num_frames, dtype=int)
+
+
+def load_video(path, num_frames=16, start=None, end=None):
+    """Decode `num_frames` frames of a video file or a folder of numbered images.
+
+    Args:
+        path: a video file (mp4, webm, avi, mkv, ...) or a folder of numbered jpg/png frames.
+        num_frames: how many frames to return (16 in every stage of the paper).
+        start, end: optional bounds in SECONDS (MVBench); only frames whose timestamp t
+            (from the stream start) has start <= t <= end are candidates.
+    Returns:
+        uint8 array (num_frames, H, W, 3), RGB, in time order. Identical, pixel for pixel, to
+        decoding every frame and then taking `frame_indices(N, num_frames)` of the N candidates.
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file cannot be decoded, or has no frame in [start, end]; the message
+            names the file and the cause. No other video is ever substituted.
+    Source: SPEC.md section 1 ("Frames").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video not found: {path}")
+    if path.is_dir():
+        return _load_frame_folder(path, num_frames)
+    try:
+        with av.open(str(path)) as container:
+            return _load_from_container(container, path, num_frames, start, end)
+    except (av.FFmpegError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot decode video {path}: {type(e).__name__}: {e}") from e
+
+
+def _load_frame_folder(folder, num_frames):
+    # Frames are ordered by the number in their name (frame_2 before frame_10), not by string.
+    files = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS]
+    if not files:
+        raise ValueError(f"frame folder {folder} holds no {'/'.join(IMAGE_EXTS)} files")
+    def number(f):
+        digits = re.findall(r"\d+", f.stem)
+        if not digits:
+            raise ValueError(f"frame file {f} has no number in its name")
+        return int(digits[-1])
+    files.sort(key=number)
+    picked = [files[i] for i in frame_indices(len(files), num_frames)]
+    return np.stack([_decode_image(f) for f in picked])
+
+
+def _decode_image(file):
+    try:
+        with av.open(str(file)) as c:
+            return next(c.decode(video=0)).to_ndarray(format="rgb24")
+    except (av.FFmpegError, StopIteration) as e:
+        raise ValueError(f"cannot decode frame image {file}: {e}") from e
+
+
+def _load_from_container(container, path, num_frames, start, end):
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame threads change the speed, not the pixels
+    # A demux pass reads packet headers only (no decoding): it gives the presentation timestamps
+    # of every frame, hence N and the timestamps of the frames we want, and the keyframes to seek to.
+    # Only mp4/mov and matroska/webm store presentation timestamps; avi's "pts" are decode-order.
+    packets = []
+    if container.format.name.split(",")[0] in PTS_CONTAINERS:
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+    if packets and all(pts is not None for pts, _ in packets):
+        all_pts = sorted(pts for pts, _ in packets)
+        pts = _bounded(all_pts, stream, start, end, path)
+        wanted = [pts[i] for i in frame_indices(len(pts), num_frames)]
+        keyframes = sorted(p for p, key in packets if key)
+        frames = _decode_by_seeking(container, stream, sorted(set(wanted)), keyframes, path)
+        if frames is not None:
+            return np.stack([frames[p] for p in wanted])
+    # Containers without trustworthy timestamps (e.g. some avi): decode in order, convert only kept frames.
+    container.seek(0)
+    return _decode_in_order(container, stream, path, num_frames, start, end)
+
+
+def _bounded(all_pts, stream, start, end, path):
+    if start is None and end is None:
+        return all_pts
+    t0, tb = all_pts[0], stream.time_base
+    lo = -np.inf if start is None else start
+    hi = np.inf if end is None else end
+    pts = [p for p in all_pts if lo <= float((p - t0) * tb) <= hi]
+    if not pts:
+        raise ValueError(f"video {path} has no frame between {start} s and {end} s")
+    return pts
+
+
+def _decode_by_seeking(container, stream, wanted, keyframes, path):
+    """Decode the frames whose pts are in `wanted` (sorted); returns {pts: rgb array}, or None
+    when the decoder's timestamps disagree with the demuxer's (then the caller decodes in order).
+
+    Two savings, both exact: (1) for each run of wanted frames that share a keyframe, seek to that
+    keyframe instead of decoding from the start; (2) while feeding packets we do not want, let the
+    decoder skip non-reference frames (no other frame is predicted from them)."""
+    ctx = stream.codec_context
+    ctx.thread_type = "NONE"  # skip_frame must apply to the packet being fed, not a later one
+    out = {}
+    groups = {}
+    for p in wanted:
+        groups.setdefault(max((k for k in keyframes if k <= p), default=keyframes[0]), []).append(p)
+    for key, group in groups.items():
+        container.seek(key, stream=stream, backward=True, any_frame=False)
+        todo = set(group)
+        for packet in container.demux(stream):
+            ctx.skip_frame = "DEFAULT" if packet.pts in todo else "NONREF"
+            for frame in ctx.decode(packet if packet.size else None):
+                if frame.pts in todo:
+                    out[frame.pts] = frame.to_ndarray(format="rgb24")
+                    todo.discard(frame.pts)
+            if not todo:
+                break
+        if todo:
+            return None
+    return out
+
+
+def _decode_in_order(container, stream, path, num_frames, start, end):
+    # Pass 1 counts the candidate frames (decoding, but no colour conversion); pass 2 converts picks.
+    times = [float(f.time) if f.time is not None else None for f in container.decode(stream)]
+    if start is not None or end is not None:
+        if any(t is None for t in times):
+            raise ValueError(f"video {path} has frames without timestamps; cannot apply start/end")
+        lo = -np.inf if start is None else start
+        hi = np.inf if end is None else end
+        candidates = [i for i, t in enumerate(times) if lo <= t - times[0] <= hi]
+    else:
+        candidates = list(range(len(times)))
+    if not candidates:
+        raise ValueError(f"video {path} has no frame between {start} s and {end} s")
+    wanted = [candidates[i] for i in frame_indices(len(candidates), num_frames)]
+    keep, frames = set(wanted), {}
+    container.seek(0)
+    for i, frame in enumerate(container.decode(stream)):
+        if i in keep:
+            frames[i] = frame.to_ndarray(format="rgb24")
+        if i >= wanted[-1]:
+            break
+    return np.stack([frames[i] for i in wanted])
+
+
+def load_video_reference(path, num_frames=16):
+    """The reference's way, kept as the slow baseline for tests and the benchmark: decode every
+    frame to RGB, then pick frame_indices(N, num_frames). Returns uint8 (num_frames, H, W, 3)."""
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    return np.stack([frames[i] for i in frame_indices(len(frames), num_frames)])
+
+
+# -----------------------------------------------------------------------------
+# 2. Preprocessing
+
+def preprocess(frames, size=384):
+    """SigLIP preprocessing (SPEC.md s1): bicubic resize to size x size (aspect ratio not kept, no
+    crop), then x / 127.5 - 1 (= rescale 1/255, normalise mean = std = 0.5).
+
+    Args: frames: uint8 array or tensor (T, H, W, 3), RGB. size: S in pixels (384 at full size).
+    Returns: float32 tensor (T, 3, S, S) in [-1, 1].
+    The resize is antialiased and rounded back to uint8, like PIL's bicubic in the reference
+    processor, so the values match it up to rounding.
+    """
+    x = torch.as_tensor(np.asarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        x = x.round().clamp(0, 255)
+    return x / 127.5 - 1.0
+
+
+# -----------------------------------------------------------------------------
+# 3. Prompts (exact characters: SPEC.md s1 and s4)
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+IMAGE_TOKEN = "<image>"
+REASON_SUFFIX = ("Output the thinking process in <think> </think> and final answer (option) "
+                 "in <answer> </answer> tags.")
+OPTION_SUFFIX = "Answer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJ"
+
+
+def format_options(question, options):
+    """Question + lettered options, as in NextQA: 'Q\\nOptions:\\nA. text\\nB. text'.
+
+    Args: question: str; options: list of option texts (at most 10). Returns: str.
+    Raises: ValueError if there are more options than letters.
+    """
+    if len(options) > len(LETTERS):
+        raise ValueError(f"{len(options)} options; at most {len(LETTERS)} are supported")
+    lines = [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)]
+    return question + "\nOptions:\n" + "\n".join(lines)
+
+
+def build_question(problem, mode="reason", sep=" "):
+    """The user's text: the problem (question with options) + the answer-mode suffix.
+
+    mode "reason": the think/answer suffix (paper s3.3); sep=" " as in RL training, "\\n" as in the
+    reference eval. mode "option": the direct-letter suffix. Raises ValueError on an unknown mode.
+    """
+    suffix = {"reason": REASON_SUFFIX, "option": OPTION_SUFFIX}.get(mode)
+    if suffix is None:
+        raise ValueError(f"unknown answer mode {mode!r}; expected 'reason' or 'option'")
+    return problem + sep + suffix
+
+
+def chat_prompt(question):
+    """The qwen2_base template, single turn, generation mode (SPEC.md s1). No space after
+    'ASSISTANT:'; a training answer is appended as '{answer}<|endoftext|>' right after it."""
+    return f"{SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+# -----------------------------------------------------------------------------
+# 4. Data set readers (SPEC.md s6)
+
+@dataclass
+class Sample:
+    video: Path          # absolute or root-relative path of the clip
+    question: str        # the problem: question text with its lettered options (no answer suffix)
+    answer: str | None   # the label letter ("A".."E"), None when the record has no letter
+    target: str | None = None  # the full supervised response (SFT / cold start), else None
+
+
+ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def read_nextqa_jsonl(path, root=None):
+    """Read NextQA RL data: one JSON object per line with `problem`, `solution` ("<answer>X</answer>")
+    and `video_filename` (relative to `root`, default: the jsonl's folder).
+
+    Returns: list[Sample]. Raises: ValueError naming the file, line and field of a malformed record.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    samples = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        problem = _field(rec, "problem", where)
+        solution = _field(rec, "solution", where)
+        m = ANSWER_TAG.fullmatch(solution.strip())
+        if not m or m.group(1) not in LETTERS:
+            raise ValueError(f"{where}: field 'solution' must be '<answer>X</answer>' with a letter, got {solution!r}")
+        samples.append(Sample(root / _field(rec, "video_filename", where), problem, m.group(1)))
+    return samples
+
+
+def read_llava_json(path, root=None):
+    """Read LLaVA-style conversations (the cold-start file and our SFT files): a JSON list of
+    {"video": relpath, "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": "..."}]}. The human text loses its "<image>\\n" prefix.
+
+    Returns: list[Sample] with `target` = the gpt text and `answer` = the letter inside its
+    <answer> tag (or the whole text if it is one letter), else None.
+    Raises: ValueError naming the file, record index and field of a malformed record.
+    """
+    path = Path(path)
+    root = Path(root) if root is not None else path.parent
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    samples = []
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i}"
+        turns = _field(rec, "conversations", where, list)
+        if len(turns) != 2 or [t.get("from") for t in turns] != ["human", "gpt"]:
+            raise ValueError(f"{where}: field 'conversations' must be one human turn then one gpt turn")
+        human = _field(turns[0], "value", where + " human turn")
+        if not human.startswith(IMAGE_TOKEN):
+            raise ValueError(f"{where}: human turn must start with {IMAGE_TOKEN!r}")
+        target = _field(turns[1], "value", where + " gpt turn")
+        m = ANSWER_TAG.search(target)
+        letter = m.group(1) if m else target.strip()
+        samples.append(Sample(root / _field(rec, "video", where), human[len(IMAGE_TOKEN):].lstrip("\n"),
+                              letter if letter in LETTERS and letter else None, target))
+    return samples
+
+
+def _field(rec, name, where, kind=str):
+    if not isinstance(rec, dict) or name not in rec:
+        raise ValueError(f"{where}: missing field {name!r}")
+    if not isinstance(rec[name], kind):
+        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(rec[name]).__name__}")
+    return rec[name]
+
+
+# -----------------------------------------------------------------------------
+# 5. The synthetic "shapes" task
+#
+# Each clip shows 1-5 coloured shapes on a dark background. Every shape in a clip has its own
+# colour, so a question can name it. Five question types, four of which need the ORDER of the
+# frames (shuffle the frames and the answer is gone; T-GRPO relies on this):
+#   direction    which way does the X move?                 (order)
+#   appear_first which shape appears first?                 (order)
+#   leave_first  which shape disappears first?              (order)
+#   color_order  in which order does the shape show colours (order)
+#   count        how many shapes are in the video?          (not order)
+# Answer letters are balanced: sample i of type (i % 5) gets letter (i // 5) % 5.
+
+SIZE, FPS, BACKGROUND = 64, 8, 24
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 250),
+          "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 220)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down", "it does not move")
+COUNTS = ("one", "two", "three", "four", "five")
+QTYPES = ("direction", "appear_first", "leave_first", "color_order", "count")
+
+
+@dataclass
+class Obj:
+    shape: str
+    colors: list   # colour name per segment; more than one for color_order
+    path: tuple    # (x0, y0, x1, y1): centre at the first and the last frame
+    on: tuple      # (first, last) frame in which it is visible
+
+
+def make_scene(rng, qtype, letter_index):
+    """Draw the parameters of one clip and its question.
+
+    Args: rng: np.random.Generator; qtype: one of QTYPES; letter_index: 0..4, where the right option goes.
+    Returns: dict with T (frames), objects (list[Obj]), question, options (5 texts), answer (letter).
+    """
+    T = int(rng.integers(16, 33))
+    shapes = [str(s) for s in rng.permutation(SHAPES * 2)]
+    colors = [str(c) for c in rng.permutation(list(COLORS))]
+    def spot():
+        return tuple(int(v) for v in rng.integers(12, SIZE - 12, size=2))
+    def name(o):
+        return f"the {o.colors[0]} {o.shape}"
+    if qtype == "direction":
+        move = str(rng.choice(DIRECTIONS))
+        x, y = spot()
+        lo, hi = 12, SIZE - 12
+        end = {"left": (lo, y), "right": (hi, y), "up": (x, lo), "down": (x, hi)}.get(move, (x, y))
+        start = {"left": (hi, y), "right": (lo, y), "up": (x, hi), "down": (x, lo)}.get(move, (x, y))
+        target = Obj(shapes[0], [colors[0]], start + end, (0, T - 1))
+        other = Obj(shapes[1], [colors[1]], spot() * 2, (0, T - 1))
+        objects = [target, other]
+        question = f"Which way does {name(target)} move?"
+        right, pool = move, [d for d in DIRECTIONS if d != move]
+    elif qtype in ("appear_first", "leave_first"):
+        t1, t2 = sorted(int(t) for t in rng.choice(np.arange(1, T - 1), size=2, replace=False))
+        a, b = spot(), spot()
+        if qtype == "appear_first":
+            first, second = Obj(shapes[0], [colors[0]], a * 2, (t1, T - 1)), Obj(shapes[1], [colors[1]], b * 2, (t2, T - 1))
+            question = "Which shape appears first?"
+        else:
+            first, second = Obj(shapes[0], [colors[0]], a * 2, (0, t1)), Obj(shapes[1], [colors[1]], b * 2, (0, t2))
+            question = "Which shape disappears first?"
+        objects = [first, second]
+        # Distractors: the other shape in the clip, and shapes that are not in the clip at all.
+        right = name(first)
+        pool = [name(second)] + [f"the {colors[2 + k]} {shapes[2 + k]}" for k in range(3)]
+    elif qtype == "color_order":
+        seq = colors[:3]
+        target = Obj(shapes[0], seq, spot() * 2, (0, T - 1))
+        objects = [target]
+        question = f"The {target.shape} changes colour twice. In which order does it show its colours?"
+        right = ", then ".join(seq)
+        others = [seq[::-1], [seq[1], seq[0], seq[2]], [seq[0], seq[2], seq[1]], [seq[2], seq[0], seq[1]]]
+        pool = [", then ".join(o) for o in others]
+    elif qtype == "count":
+        n = int(rng.integers(1, 6))
+        objects = [Obj(shapes[k], [colors[k]], p * 2, (0, T - 1)) for k, p in enumerate(_spread(rng, n))]
+        question = "How many shapes are in the video?"
+        right, pool = COUNTS[n - 1], [c for c in COUNTS if c != COUNTS[n - 1]]
+    else:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
+    options = [str(o) for o in rng.permutation(pool)][:4]
+    options.insert(letter_index, right)
+    return {"qtype": qtype, "T": T, "objects": objects, "question": question,
+            "options": options, "answer": LETTERS[letter_index]}
+
+
+def _spread(rng, n):
+    # n non-overlapping centres on a 3x3 grid of cells, jittered, so counts are unambiguous.
+    cells = rng.choice(9, size=n, replace=False)
+    return [(int(10 + 22 * (c % 3) + rng.integers(-2, 3)), int(10 + 22 * (c // 3) + rng.integers(-2, 3)))
+            for c in cells]
+
+
+def render(scene):
+    """Draw a scene: uint8 array (T, SIZE, SIZE, 3). Positions move linearly from path start to end;
+    a multi-colour object shows its colours in equal thirds of the clip."""
+    T = scene["T"]
+    frames = np.full((T, SIZE, SIZE, 3), BACKGROUND, np.uint8)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    for o in scene["objects"]:
+        x0, y0, x1, y1 = o.path
+        for t in range(o.on[0], o.on[1] + 1):
+            a = t / (T - 1)
+            cx, cy = x0 + a * (x1 - x0), y0 + a * (y1 - y0)
+            color = o.colors[min(len(o.colors) - 1, t * len(o.colors) // T)]
+            frames[t][_mask(o.shape, xx - cx, yy - cy)] = COLORS[color]
+    return frames
+
+
+def _mask(shape, dx, dy, r=6):
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)  # triangle, apex up
+
+
+def describe(scene):
+    """A short templated description of what happens (the supervised 'caption' data and the
+    reasoning of the cold-start samples use the same phrases). Returns a str."""
+    parts = []
+    T = scene["T"]
+    for o in scene["objects"]:
+        name = f"the {o.colors[0]} {o.shape}"
+        x0, y0, x1, y1 = o.path
+        if len(o.colors) > 1:
+            parts.append(f"the {o.shape} is {', then '.join(o.colors)}")
+        elif o.on[0] > 0:
+            parts.append(f"{name} appears at frame {o.on[0] + 1}")
+        elif o.on[1] < T - 1:
+            parts.append(f"{name} disappears after frame {o.on[1] + 1}")
+        elif (x0, y0) != (x1, y1):
+            move = "right" if x1 > x0 else "left" if x1 < x0 else "down" if y1 > y0 else "up"
+            parts.append(f"{name} moves {move}")
+        else:
+            parts.append(f"{name} stays still")
+    text = "; ".join(parts)
+    if scene["qtype"] == "count":
+        n = len(scene["objects"])
+        text = f"there {'is' if n == 1 else 'are'} {COUNTS[n - 1]} shape{'s' * (n > 1)}: " + text
+    return text[0].upper() + text[1:] + "."
+
+
+def reasoning(scene):
+    """The templated chain of thought of a cold-start sample: the description, then the option."""
+    letter = scene["answer"]
+    chosen = scene["options"][LETTERS.index(letter)]
+    return (f"<think>{describe(scene)} So the answer is {chosen}, which is option {letter}.</think> "
+            f"<answer>{letter}</answer>")
+
+
+def write_mp4(frames, path, fps=FPS):
+    """Encode uint8 (T, H, W, 3) RGB frames as H.264 mp4 (yuv420p, crf 12, one thread: deterministic)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+
+
+def _make_sample(job):
+    out, split, i, seed = job
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
+    scene = make_scene(rng, QTYPES[i % len(QTYPES)], (i // len(QTYPES)) % 5)
+    rel = f"videos/{split}_{i:05d}.mp4"
+    write_mp4(render(scene), Path(out) / rel)
+    return scene, rel
+
+
+def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
+    """Write the shapes data set to `out`:
+        videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
+        train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
+        sft.json              LLaVA format, for training the tiny base model from scratch: per train
+                              clip one option-mode QA (answer = the letter) and one description
+        coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
+    Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
+    Returns: {"train": [scene, ...], "test": [...]}.
+    """
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    jobs = [(str(out), s, i, seed) for s, n in (("train", n_train), ("test", n_test)) for i in range(n)]
+    with Pool(workers) as pool:
+        results = pool.map(_make_sample, jobs, chunksize=16)
+    scenes = {"train": [], "test": []}
+    for (job, (scene, rel)) in zip(jobs, results):
+        scene["video"] = rel
+        scenes[job[1]].append(scene)
+    for split, items in scenes.items():
+        lines = [json.dumps({"problem": format_options(s["question"], s["options"]),
+                             "solution": f"<answer>{s['answer']}</answer>", "video_filename": f"./{s['video']}",
+                             "data_type": "video", "problem_id": i, "problem_type": "multiple choice"})
+                 for i, s in enumerate(items)]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    def record(s, human, gpt):
+        return {"video": f"./{s['video']}", "conversations": [
+            {"from": "human", "value": f"{IMAGE_TOKEN}\n{human}"}, {"from": "gpt", "value": gpt}]}
+    sft = []
+    for s in scenes["train"]:
+        problem = format_options(s["question"], s["options"])
+        sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
+        sft.append(record(s, "Describe what happens in the video.", describe(s)))
+    # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
+    step = max(1, min(6, len(scenes["train"]) // 16))
+    cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"), reasoning(s))
+            for s in scenes["train"][::step][:16]]
+    (out / "sft.json").write_text(json.dumps(sft, indent=1))
+    (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
+    return scenes
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: our reader vs decode-everything-then-pick
+
+def bench(path="/tmp/bench_30s.mp4", repeats=3):
+    """Time 16 frames from a 30 s, 30 fps, 640x360 H.264 clip: load_video vs load_video_reference."""
+    if not Path(path).exists():
+        t = np.arange(900)[:, None, None]
+        x = np.arange(640)[None, None, :]
+        with av.open(path, "w") as out:
+            s = out.add_stream("libx264", rate=30)
+            s.width, s.height, s.pix_fmt = 640, 360, "yuv420p"
+            for i in range(900):
+                img = np.zeros((360, 640, 3), np.uint8)
+                img[..., 0] = ((x + 3 * t[i]) % 256).astype(np.uint8)
+                img[100:200, (2 * i) % 600:(2 * i) % 600 + 40] = 255
+                out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            out.mux(s.encode())
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            frames = fn(path, 16)
+            times.append(time.perf_counter() - t0)
+        return min(times), frames
+    ours, a = best(load_video)
+    ref, b = best(load_video_reference)
+    assert np.array_equal(a, b), "readers disagree"
+    print(f"16 frames of {path} (30 s, 30 fps, 640x360 H.264), best of {repeats}:")
+    print(f"  decode-all-then-pick {ref * 1000:7.1f} ms\n  load_video           {ours * 1000:7.1f} ms"
+          f"\n  speed-up             {ref / ours:7.1f}x")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("shapes", help="generate the synthetic shapes video-QA data set")
+    s.add_argument("--out", default="data/shapes")
+    s.add_argument("--train", type=int, default=2000)
+    s.add_argument("--test", type=int, default=250)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    sub.add_parser("bench", help="time load_video against decode-all-then-pick")
+    args = p.parse_args()
+    if args.cmd == "shapes":
+        t0 = time.time()
+        generate_shapes(args.out, args.train, args.test, args.seed, args.workers)
+        print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
+    else:
+        bench()

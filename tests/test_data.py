@@ -1,0 +1,265 @@
+"""Tests for data.py: exact frame picking, preprocessing, prompts, readers, the shapes task."""
+import json
+from fractions import Fraction
+from collections import Counter
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def _frames(n, h=48, w=64):
+    # Every frame differs (a moving bar and a per-frame level), so a wrong index shows up.
+    out = np.zeros((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i, :, :, 0] = (i * 7) % 256
+        out[i, :, (i * 3) % w:(i * 3) % w + 6, 1] = 255
+        out[i, (i * 2) % h, :, 2] = 200
+    return out
+
+
+def _write(path, frames, codec, fps=30, pts=None, options=None):
+    """Encode frames; `pts` (in 1/1000 s) makes a variable-frame-rate file."""
+    with av.open(str(path), "w") as out:
+        s = out.add_stream(codec, rate=fps)
+        s.width, s.height = frames.shape[2], frames.shape[1]
+        s.pix_fmt = "yuv420p"
+        if options:
+            s.options = options
+        if pts is not None:
+            s.codec_context.time_base = Fraction(1, 1000)
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+            if pts is not None:
+                vf.pts, vf.time_base = pts[i], s.codec_context.time_base
+            out.mux(s.encode(vf))
+        out.mux(s.encode())
+    return path
+
+
+VIDEOS = {  # name -> (file name, codec, encoder options)
+    "h264_mp4": ("a.mp4", "libx264", {"g": "8", "bf": "3"}),   # short GOP + B-frames: seeking + reordering
+    "vp9_webm": ("a.webm", "libvpx-vp9", {"g": "10"}),
+    "mpeg4_avi": ("a.avi", "mpeg4", {"g": "6", "bf": "2"}),
+    "h264_mkv": ("a.mkv", "libx264", {"g": "12"}),
+}
+
+
+@pytest.mark.parametrize("name", VIDEOS)
+@pytest.mark.parametrize("num_frames", [16, 5])
+def test_load_video_equals_decode_all_then_pick(tmp_path, name, num_frames):
+    fname, codec, opts = VIDEOS[name]
+    path = _write(tmp_path / fname, _frames(47), codec, options=opts)
+    got = data.load_video(path, num_frames)
+    assert got.shape == (num_frames, 48, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, data.load_video_reference(path, num_frames))
+
+
+def test_load_video_variable_frame_rate(tmp_path):
+    pts = np.cumsum([0, 10, 50, 20, 100, 33, 33, 200, 10, 10, 70, 40, 40, 5, 90, 60, 30, 30, 45, 120])
+    path = _write(tmp_path / "vfr.mp4", _frames(len(pts)), "libx264", pts=[int(p) for p in pts])
+    np.testing.assert_array_equal(data.load_video(path, 16), data.load_video_reference(path, 16))
+
+
+def test_short_clip_repeats_indices(tmp_path):
+    frames = _frames(5)
+    path = _write(tmp_path / "short.mp4", frames, "libx264")
+    got = data.load_video(path, 16)
+    ref_all = data.load_video_reference(path, 5)  # every frame, decoded
+    # linspace(0, 4, 16) = 0, .27, .53, .8, 1.07, ..., 2.93, 3.2, 3.47, 3.73, 4; cast truncates:
+    expect = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4]
+    np.testing.assert_array_equal(got, ref_all[expect])
+
+
+def test_start_end_bounds_in_seconds(tmp_path):
+    path = _write(tmp_path / "b.mp4", _frames(90), "libx264", fps=30, options={"g": "10"})
+    all_frames = data.load_video_reference(path, 90)
+    # Frames with 1.0 <= i/30 <= 2.0 are i = 30..60 (31 frames); linspace over those.
+    idx = 30 + np.linspace(0, 30, 8, dtype=int)
+    np.testing.assert_array_equal(data.load_video(path, 8, start=1.0, end=2.0), all_frames[idx])
+    with pytest.raises(ValueError, match="no frame between"):
+        data.load_video(path, 8, start=10.0, end=11.0)
+
+
+def test_frame_folder_numeric_order(tmp_path):
+    frames = _frames(12)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):  # names whose string order differs from their number order
+        with av.open(str(folder / f"img_{i + 1}.jpg"), "w", format="image2") as out:
+            s = out.add_stream("mjpeg")
+            s.width, s.height, s.pix_fmt = 64, 48, "yuvj444p"
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(s.encode())
+    got = data.load_video(folder, 4)
+    singles = [data._decode_image(folder / f"img_{i + 1}.jpg") for i in (0, 3, 7, 11)]  # linspace(0,11,4)
+    np.testing.assert_array_equal(got, np.stack(singles))
+    # jpg is lossy, but each picked frame must be closest to its own source frame
+    for k, i in enumerate((0, 3, 7, 11)):
+        errors = [np.abs(got[k].astype(int) - f.astype(int)).mean() for f in frames]
+        assert int(np.argmin(errors)) == i
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        data.load_video(tmp_path / "nope.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(ValueError, match="bad.mp4"):
+        data.load_video(bad)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        data.load_video(empty)
+
+
+def test_preprocess():
+    frames = np.zeros((2, 20, 30, 3), np.uint8)
+    frames[0] = 255
+    x = data.preprocess(frames, size=16)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0], torch.ones(3, 16, 16))   # 255 / 127.5 - 1
+    torch.testing.assert_close(x[1], -torch.ones(3, 16, 16))  # 0 / 127.5 - 1
+    same = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    torch.testing.assert_close(data.preprocess(same, 4)[1, 2, 3, 0], torch.tensor(same[1, 3, 0, 2] / 127.5 - 1, dtype=torch.float32))
+
+
+def test_prompt_templates_exact():
+    problem = "What happens?\nOptions:\nA. x\nB. y"
+    assert data.build_question(problem, "reason") == (
+        "What happens?\nOptions:\nA. x\nB. y Output the thinking process in <think> </think> and final "
+        "answer (option) in <answer> </answer> tags.")
+    assert data.build_question(problem, "reason", "\n").endswith(
+        "B. y\nOutput the thinking process in <think> </think> and final answer (option) in <answer> </answer> tags.")
+    assert data.build_question(problem, "option", "\n") == (
+        "What happens?\nOptions:\nA. x\nB. y\nAnswer with the option's letter from the given choices directly.")
+    assert data.chat_prompt("Q?") == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nQ? ASSISTANT:")
+    assert data.format_options("Q?", ["cat", "dog"]) == "Q?\nOptions:\nA. cat\nB. dog"
+    with pytest.raises(ValueError, match="answer mode"):
+        data.build_question(problem, "free")
+
+
+def test_read_nextqa_jsonl(tmp_path):
+    rec = {"problem": "Q?\nOptions:\nA. a.\nB. b.", "solution": "<answer>B</answer>",
+           "video_filename": "./NextQA/NExTVideo/1/2.mp4", "data_type": "video", "problem_id": 7,
+           "problem_type": "multiple choice"}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(rec) + "\n\n" + json.dumps({**rec, "solution": "<answer> C </answer>"}) + "\n")
+    s = data.read_nextqa_jsonl(f, root="/data")
+    assert [x.answer for x in s] == ["B", "C"]
+    assert str(s[0].video) == "/data/NextQA/NExTVideo/1/2.mp4" and s[0].question == rec["problem"]
+    f.write_text(json.dumps(rec) + "\n" + json.dumps({k: v for k, v in rec.items() if k != "problem"}))
+    with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'problem'"):
+        data.read_nextqa_jsonl(f)
+    f.write_text(json.dumps({**rec, "solution": "B"}))
+    with pytest.raises(ValueError, match=r"d.jsonl:1: field 'solution'"):
+        data.read_nextqa_jsonl(f)
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match=r"d.jsonl:1: not valid JSON"):
+        data.read_nextqa_jsonl(f)
+
+
+def test_read_llava_json(tmp_path):
+    recs = [{"video": "v/1.mp4", "conversations": [
+                {"from": "human", "value": "<image>\nQ?\nOptions:\nA. a"},
+                {"from": "gpt", "value": "<think>because</think> <answer>A</answer>"}]},
+            {"video": "v/2.mp4", "conversations": [
+                {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red dot."}]}]
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(recs))
+    s = data.read_llava_json(f)
+    assert s[0].question == "Q?\nOptions:\nA. a" and s[0].answer == "A"
+    assert s[0].target == "<think>because</think> <answer>A</answer>"
+    assert s[1].answer is None and s[1].video == tmp_path / "v/2.mp4"
+    recs[1]["conversations"] = recs[1]["conversations"][:1]
+    f.write_text(json.dumps(recs))
+    with pytest.raises(ValueError, match=r"c.json: record 1: field 'conversations'"):
+        data.read_llava_json(f)
+
+
+# ---- the shapes task -------------------------------------------------------------------------
+
+def _oracle(frames, scene):
+    """Recompute a scene's answer from its PIXELS alone (independent of make_scene's bookkeeping):
+    each shape has its own colour, so colour masks give presence and position per frame."""
+    def mask(color):
+        return (np.abs(frames.astype(int) - np.array(data.COLORS[color])).sum(-1) < 60)  # (T, H, W)
+    def present(color):
+        return mask(color).reshape(len(frames), -1).sum(1) > 10  # (T,)
+    q, objs = scene["qtype"], scene["objects"]
+    if q == "direction":
+        m = mask(objs[0].colors[0])
+        ys0, xs0 = np.nonzero(m[0]); ys1, xs1 = np.nonzero(m[-1])
+        dx, dy = xs1.mean() - xs0.mean(), ys1.mean() - ys0.mean()
+        if abs(dx) < 2 and abs(dy) < 2:
+            return "it does not move"
+        return ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    if q in ("appear_first", "leave_first"):
+        def when(o):
+            on = np.nonzero(present(o.colors[0]))[0]
+            return on[0] if q == "appear_first" else on[-1]
+        o = min(objs, key=when)
+        return f"the {o.colors[0]} {o.shape}"
+    if q == "color_order":
+        seq = []
+        for t in range(len(frames)):
+            c = [c for c in data.COLORS if present(c)[t]]
+            if c and (not seq or seq[-1] != c[0]):
+                seq.append(c[0])
+        return ", then ".join(seq)
+    if q == "count":
+        return data.COUNTS[sum(present(c)[0] for c in data.COLORS) - 1]
+
+
+def test_shapes_answers_are_right_from_pixels():
+    for i in range(100):
+        scene = data.make_scene(np.random.default_rng(i), data.QTYPES[i % 5], i % 5)
+        right = scene["options"][data.LETTERS.index(scene["answer"])]
+        assert _oracle(data.render(scene), scene) == right, (i, scene["question"])
+        assert len(set(scene["options"])) == 5, scene["options"]
+
+
+def test_shapes_dataset(tmp_path):
+    out = tmp_path / "shapes"
+    scenes = data.generate_shapes(out, n_train=50, n_test=10, seed=3)
+    train = data.read_nextqa_jsonl(out / "train.jsonl")
+    assert len(train) == 50 and len(data.read_nextqa_jsonl(out / "test.jsonl")) == 10
+    # the answer survives H.264 on the written files, checked on a few decoded clips
+    for k in (0, 1, 2, 3, 4, 17):
+        frames = data.load_video(train[k].video, scenes["train"][k]["T"])
+        right = scenes["train"][k]["options"][data.LETTERS.index(train[k].answer)]
+        assert _oracle(frames, scenes["train"][k]) == right
+    cold = data.read_llava_json(out / "coldstart.json")
+    assert len(cold) == 16 and len({c.answer for c in cold}) == 5
+    assert all(c.target.endswith(f"</think> <answer>{c.answer}</answer>") for c in cold)
+    assert all(c.question.endswith(data.REASON_SUFFIX) for c in cold)
+    sft = data.read_llava_json(out / "sft.json")
+    assert len(sft) == 100 and sum(s.answer is not None for s in sft) == 50
+    # determinism: the same seed writes the same text and the same video bytes
+    data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1)
+    for name in ("train.jsonl", "test.jsonl", "sft.json", "coldstart.json", "videos/train_00007.mp4"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_shapes_letters_balanced_and_text_only_baseline_near_chance():
+    rng_scenes = lambda split, n: [data.make_scene(np.random.default_rng([0, split, i]), data.QTYPES[i % 5], (i // 5) % 5)
+                                   for i in range(n)]
+    train, test = rng_scenes(0, 1000), rng_scenes(1, 500)
+    letters = Counter(s["answer"] for s in train)
+    assert set(letters.values()) == {200}, letters
+    # Text-only baseline: for each question text, the option text that was right most often in train.
+    right = lambda s: s["options"][data.LETTERS.index(s["answer"])]
+    best = {}
+    for s in train:
+        best.setdefault(s["question"], Counter())[right(s)] += 1
+    hits = 0
+    for s in test:
+        counts = best.get(s["question"], Counter())
+        guess = max(s["options"], key=lambda o: counts[o])
+        hits += guess == right(s)
+    assert hits / len(test) < 0.30, hits / len(test)
