@@ -1,0 +1,175 @@
+"""
+The rule rewards of TinyLLaVA-Video-R1 (paper s3.4, eqs. 3-4) and Video-R1 (T-GRPO, length bonus).
+
+Every reward is a pure function of text (the completion, decoded without special tokens) and the
+label; no torch. The answer parser `parse_answer` is shared with evaluate.py, so the training reward
+and the benchmark metric cannot drift apart.
+
+Departures from the reference code (SPEC.md s4), each on purpose:
+1. eq. (4) as the paper writes it. The reference computes AR + (2AR - 1) FR, which gives +1.0 to a
+   correct answer in a broken format; `reference_reward` reproduces it for comparison.
+2. An answer counts when the text in <answer></answer> is the letter, or the letter followed by a
+   non-letter ("B", "B. sheep", "B)"). The reference's `startswith` also accepts "Because" for B.
+3. No math-equivalence check (the answers here are letters).
+
+Try: python rewards.py   (prints the reward of a few completions)
+"""
+import math
+import re
+
+R0, R1, ML = 0.5, 0.5, 1200  # paper s3.4: base format reward, length reward weight, length cap (chars)
+R2 = R0 + R1                 # accuracy reward: "equal importance" with the format reward
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def format_ok(completion):
+    """The format rule (paper s3.4): the stripped completion is exactly <think>...</think> then
+    <answer>...</answer> (white space between allowed), and each of the four tags appears once."""
+    text = completion.strip()
+    return FORMAT.fullmatch(text) is not None and all(text.count(tag) == 1 for tag in TAGS)
+
+
+def think_length(completion):
+    """Len of eq. (3): the number of CHARACTERS of the stripped text inside <think></think>
+    (0 when there is no think block)."""
+    m = THINK.search(completion)
+    return len(m.group(1).strip()) if m else 0
+
+
+def format_reward(completion, ml=ML, r0=R0, r1=R1, length_reward=True):
+    """FR, eq. (3): r0 + LR with LR = min(1, Len / ML) * r1 when the format rule holds, else 0.
+
+    With length_reward=False (the usual fixed format reward of Figure 5's first setting) a good
+    format earns the same maximum, r0 + r1, whatever its length.
+    Returns a float in {0} U [r0, r0 + r1]. Example: 600 characters of thinking, ML = 1200:
+    FR = 0.5 + min(1, 600/1200) * 0.5 = 0.75.
+    """
+    if not format_ok(completion):
+        return 0.0
+    if not length_reward:
+        return r0 + r1
+    LR = min(1.0, think_length(completion) / ml) * r1  # eq. (3)
+    return r0 + LR
+
+
+def parse_answer(text, options="ABCDE", tagged=True):
+    """The answer letter of a completion, or None.
+
+    tagged=True (Reason mode): the text inside the first <answer></answer>; tagged=False (Option
+    mode): the whole completion. After stripping, that text must be one of `options` alone, or
+    followed by a non-letter: "B", "B.", "B. sheep", "B)" -> "B"; "(B)", "b", "Because", "" -> None.
+    """
+    if tagged:
+        m = ANSWER.search(text)
+        if m is None:
+            return None
+        text = m.group(1)
+    text = text.strip()
+    if text and text[0] in options and (len(text) == 1 or not text[1].isalpha()):
+        return text[0]
+    return None
+
+
+def accuracy_reward(completion, answer, r2=R2, options="ABCDE"):
+    """AR (paper s3.4): r2 if the letter in <answer></answer> is the label, else 0 (also when there
+    is no answer tag). `answer` is the label letter. Returns r2 or 0.0."""
+    return r2 if parse_answer(completion, options) == answer else 0.0
+
+
+def reward(completion, answer, length_reward=True, wrong_penalty=True, ml=ML, r0=R0, r1=R1, r2=R2):
+    """The total reward R of one completion, eq. (4), and the settings of the paper's Figure 5.
+
+    Settings:  length_reward  wrong_penalty
+      format reward only   False      False   R = AR + FR, FR in {0, 1}         (the usual)
+      + length reward      True       False   R = AR + FR, FR = r0 + LR
+      + wrong penalty      True       True    eq. (4)                             (the default)
+    eq. (4):  AR + FR          if FR > 0 and AR = r2     correct:        1.5 .. 2.0
+              -FR              if FR > 0 and AR = 0      wrong:         -0.5 .. -1.0
+              -(r0 + r1 + r2)  if FR = 0                 broken format: -2.0
+    A longer wrong answer is penalised more, so length grows only where it helps accuracy.
+    Example: "<think>" + 1200 chars + "</think><answer>B</answer>", label B -> 1.0 + 1.0 = 2.0;
+    label C -> -1.0.
+    Returns a float.
+    """
+    FR = format_reward(completion, ml, r0, r1, length_reward)
+    AR = accuracy_reward(completion, answer, r2)
+    if not wrong_penalty:
+        return AR + FR
+    if FR > 0 and AR == r2:
+        return AR + FR
+    if FR > 0:
+        return -FR
+    return -(r0 + r1 + r2)
+
+
+def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1):
+    """The reference code's total reward (SPEC.md s4), kept for comparison: R = AR + (2 AR - 1) FR,
+    with exactly 0 mapped to -2.0. AR there: the stripped text in <answer></answer> (or the whole
+    completion when there is no tag) equals the label or starts with it. Differs from eq. (4) for a
+    correct answer in a broken format (+1.0, not -2.0) and for "Because"-style answers."""
+    m = ANSWER.search(completion)
+    text = (m.group(1) if m else completion).strip()
+    AR = 1.0 if text == answer or text.startswith(answer) else 0.0
+    FR = format_reward(completion, ml, r0, r1)
+    r = AR + (2 * AR - 1) * FR
+    return -2.0 if r == 0 else r
+
+
+# -----------------------------------------------------------------------------
+# Video-R1 (SPEC.md s5)
+
+def temporal_bonus(acc_ordered, acc_shuffled, alpha=0.3, mu=1.0):
+    """T-GRPO's temporal reward: the G completions on ordered frames get +alpha each where correct,
+    if p >= mu * p~ (p, p~: accuracy rates of the ordered and the shuffled group).
+
+    Args: acc_ordered: G accuracies (0/1 or AR values, > 0 means correct); acc_shuffled: the
+    accuracies of the completions on shuffled frames (G/2 of them); mu: 1.0 in the paper, 0.8 in the
+    Video-R1 code. Returns: list of G floats (the bonus per ordered completion).
+    Example: ordered [1,1,0,0] (p = .5), shuffled [1,0] (p~ = .5) -> [0.3, 0.3, 0, 0].
+    """
+    correct = [a > 0 for a in acc_ordered]
+    p = sum(correct) / len(correct)
+    p_shuffled = sum(a > 0 for a in acc_shuffled) / len(acc_shuffled)
+    earned = p >= mu * p_shuffled
+    return [alpha if (earned and c) else 0.0 for c in correct]
+
+
+def length_bonus(acc, lengths, lo=320, hi=512, bonus=0.2):
+    """Video-R1's length reward: when more than one of the G completions is correct, each correct one
+    whose length (in TOKENS) lies in [lo, hi] gets +bonus. Returns a list of G floats."""
+    correct = [a > 0 for a in acc]
+    if sum(correct) <= 1:
+        return [0.0] * len(acc)
+    return [bonus if c and lo <= n <= hi else 0.0 for c, n in zip(correct, lengths)]
+
+
+def numerical_accuracy(text, answer):
+    """Video-R1's rule for numerical answers: 1.0 if both parse as numbers equal after rounding to 2
+    decimals, else 0.0. `text` is the content of the answer tag."""
+    try:
+        return float(round(float(text.strip()), 2) == round(float(answer), 2))
+    except ValueError:
+        return 0.0
+
+
+def regression_accuracy(text, answer):
+    """Video-R1's rule for regression answers: 1 - |pred - gt| / |gt|, clipped to [0, 1] (0 when the
+    text is not a number; an exact match scores 1 also when gt = 0)."""
+    try:
+        pred, gt = float(text.strip()), float(answer)
+    except ValueError:
+        return 0.0
+    if not math.isfinite(pred):
+        return 0.0
+    if gt == 0:
+        return float(pred == 0)
+    return min(1.0, max(0.0, 1.0 - abs(pred - gt) / abs(gt)))
+
+
+if __name__ == "__main__":
+    for c in ["<think>" + "x" * 600 + "</think> <answer>B</answer>", "<think></think><answer>C</answer>",
+              "<answer>B</answer>", "B"]:
+        print(f"{reward(c, 'B'):+.2f}  reference {reference_reward(c, 'B'):+.2f}  {c[:40]!r}")
