@@ -1,0 +1,587 @@
+"""
+TinyLLaVA-Video (Group-16-512): SigLIP vision tower -> group Perceiver resampler -> Qwen2.5-3B.
+
+    frames (T, 3, 384, 384)
+      -> vision tower (SigLIP, frozen): hidden_states[-2], token 0 dropped     (T, 728, 1152)
+      -> connector (group resampler, written here): 16 groups x 32 latents    (512, 2048)
+      -> spliced into the prompt where the <image> id -200 stands
+      -> language model (Qwen2ForCausalLM)                                    logits
+
+Also here: loading and saving checkpoints in the released layout (SPEC.md s2), a tiny preset and a
+tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode the video
+once, prefill the prompt once, copy the KV cache G times, decode all G rows together.
+
+Try:  python model.py bench      (our sampler vs HF generate(), one rollout group on CPU)
+"""
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import (AutoTokenizer, DynamicCache, Qwen2Config, Qwen2ForCausalLM,
+                          SiglipVisionConfig, SiglipVisionModel)
+
+IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (SPEC.md s1)
+IGNORE_INDEX = -100       # label of positions that get no loss
+
+# -----------------------------------------------------------------------------
+# Config
+
+QWEN25_3B = dict(  # the released text_config (SPEC.md s1)
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+    num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
+    bos_token_id=151643, eos_token_id=151643, use_sliding_window=False, sliding_window=32768,
+    max_window_layers=36, attention_dropout=0.0, initializer_range=0.02)
+SIGLIP_SO400M = dict(  # the released vision_config
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+    patch_size=14, image_size=384, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+    num_channels=3, attention_dropout=0.0)
+
+
+@dataclass
+class Config:
+    text_config: dict = field(default_factory=lambda: dict(QWEN25_3B))      # Qwen2 config dict
+    vision_config: dict = field(default_factory=lambda: dict(SIGLIP_SO400M))  # SigLIP vision config dict
+    group: int = 16                  # the flattened frame tokens are split into this many chunks
+    num_queries: int = 512           # connector outputs in all; num_queries / group latents per chunk
+    num_resampler_layers: int = 3    # attention + feed-forward blocks of the resampler
+    resampler_heads: int = 8         # not in the released config.json: the reference fixes 8 x 64
+    resampler_dim_head: int = 64
+    vision_feature_layer: int = -2   # which hidden state of the vision tower feeds the connector
+    image_token_index: int = IMAGE_TOKEN_INDEX
+    pad_token: str = "<|endoftext|>"  # = eos for Qwen2.5 base
+
+    @property
+    def hidden_size(self):
+        return self.text_config["hidden_size"]
+
+    @property
+    def vision_hidden_size(self):
+        return self.vision_config["hidden_size"]
+
+    @property
+    def image_size(self):
+        return self.vision_config["image_size"]
+
+
+def tiny_config(vocab_size):
+    """The CPU preset for the shapes task: same architecture, ~3M parameters.
+    48-px frames in 8-px patches (35 tokens per frame after dropping token 0), 16 groups x 4 latents."""
+    text = dict(QWEN25_3B, vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, max_window_layers=4,
+                rope_theta=10000.0)
+    vision = dict(SIGLIP_SO400M, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=2, patch_size=8, image_size=48)
+    return Config(text_config=text, vision_config=vision, group=16, num_queries=64,
+                  num_resampler_layers=2, resampler_heads=4, resampler_dim_head=32)
+
+
+# -----------------------------------------------------------------------------
+# The connector: a group Perceiver resampler (SPEC.md s1), by hand
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [media tokens ; latents] (Flamingo's resampler attention)."""
+
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x, latents):
+        # x: (B, n, D) media tokens of one chunk; latents: (B, m, D)
+        x, latents = self.norm_media(x), self.norm_latents(latents)
+        q = self.to_q(latents)                                         # (B, m, h*d)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, -1)  # (B, n+m, h*d) each
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, ., d)
+        attn = (q * self.scale @ k.transpose(-1, -2)).softmax(-1)      # (B, h, m, n+m)
+        out = (attn @ v).transpose(1, 2).flatten(2)                    # (B, m, h*d)
+        return self.to_out(out)                                        # (B, m, D)
+
+
+def feed_forward(dim, mult=4):
+    # Names must be .0 (LayerNorm), .1, .3 (Linear) to match the checkpoint: GELU sits at .2
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
+
+
+def sinusoid(n, dim):
+    """Positional encoding over n positions (SPEC.md s1): pe[:, 0::2] = sin(pos * div),
+    pe[:, 1::2] = cos(pos * div), div = exp(arange(0, dim, 2) * -ln(10000) / dim). Computed in fp32
+    and rounded to fp16, as the reference builds it in fp16. Returns float16 (n, dim)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(n, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div)
+    return pe.half()
+
+
+class GroupResampler(nn.Module):
+    """The "groupresampler" connector: a Perceiver resampler run on each of `group` chunks of the
+    video's token sequence, from one shared set of latents.
+
+    forward: (T, P, Dv) frame features of ONE video -> (num_queries, D)
+        flatten in time order          (1, T*P, Dv)
+        linear                         (1, T*P, D)
+        split into `group` chunks      the first (T*P) % group chunks get one extra token
+        per chunk, from the shared latents (m = num_queries / group, D):
+            3 x [latents = attn(chunk, latents) + latents; latents = ff(latents) + latents]
+            final LayerNorm            (m, D)
+        concatenate the chunks         (num_queries, D)
+        + sinusoidal positions         (num_queries, D)
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, self.group = cfg.hidden_size, cfg.group
+        assert cfg.num_queries % cfg.group == 0, "num_queries must be a multiple of group"
+        self.latents = nn.Parameter(torch.randn(cfg.num_queries // cfg.group, D))
+        self.linear = nn.Linear(cfg.vision_hidden_size, D)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(D, cfg.resampler_heads, cfg.resampler_dim_head), feed_forward(D)])
+            for _ in range(cfg.num_resampler_layers))
+        self.norm = nn.LayerNorm(D)
+
+    def forward(self, x):
+        x = self.linear(x.flatten(0, 1)[None])                   # (1, T*P, D)
+        chunks = torch.tensor_split(x, self.group, dim=1)         # group x (1, n_g, D)
+        if len({c.shape[1] for c in chunks}) == 1:
+            out = self.resample(torch.cat(chunks))                # equal chunks: one batched pass
+        else:
+            out = torch.cat([self.resample(c) for c in chunks])   # (group, m, D)
+        out = out.flatten(0, 1)                                   # (num_queries, D)
+        return out + sinusoid(out.shape[0], out.shape[1]).to(out)
+
+    def resample(self, chunks):
+        latents = self.latents.expand(chunks.shape[0], -1, -1)    # (B, m, D), shared by all chunks
+        for attn, ff in self.layers:
+            latents = attn(chunks, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents)                                 # (B, m, D)
+
+
+class Connector(nn.Module):
+    # Holder, so parameter names read connector._connector.* as in the released checkpoint.
+    def __init__(self, cfg):
+        super().__init__()
+        self._connector = GroupResampler(cfg)
+
+    def forward(self, x):
+        return self._connector(x)
+
+
+class VisionTower(nn.Module):
+    """SigLIP, frozen; features = hidden_states[-2] with token 0 dropped (the "patch" strategy)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self._vision_tower = nn.Module()  # names: vision_tower._vision_tower.vision_model.*
+        self._vision_tower.vision_model = SiglipVisionModel(SiglipVisionConfig(**cfg.vision_config))
+        self.feature_layer = cfg.vision_feature_layer
+        self.requires_grad_(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen in every stage: always eval mode
+
+    @torch.no_grad()
+    def forward(self, pixels):
+        # pixels: (T, 3, S, S) in [-1, 1] -> (T, P - 1, Dv)
+        out = self._vision_tower.vision_model(pixel_values=pixels, output_hidden_states=True)
+        return out.hidden_states[self.feature_layer][:, 1:]
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class TinyLlavaVideo(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.language_model = Qwen2ForCausalLM(Qwen2Config(**cfg.text_config))
+        self.vision_tower = VisionTower(cfg)
+        self.connector = Connector(cfg)
+
+    def encode_video(self, pixels):
+        """pixels: float (T, 3, S, S) of one video -> connector outputs (num_queries, D)."""
+        feats = self.vision_tower(pixels.to(self.connector._connector.linear.weight.dtype))
+        return self.connector(feats)
+
+    def splice(self, input_ids, attention_mask, video_embeds, labels=None):
+        """Put the video in place of the <image> id: each row's single -200 becomes num_queries embeddings.
+
+        Args:
+            input_ids: long (B, L), right-padded, exactly one -200 among each row's valid tokens.
+            attention_mask: (B, L), 1 on valid tokens.  labels: optional long (B, L).
+            video_embeds: (B, Q, D) one video per row, or (1, Q, D) shared by all rows.
+        Returns: (inputs_embeds (B, L', D), attention_mask (B, L'), labels (B, L') or None), right-padded,
+            with L' = max valid length + Q - 1; labels are IGNORE_INDEX on the video and padding.
+        Raises: ValueError if a row holds no -200 or more than one.
+        """
+        embed = self.language_model.get_input_embeddings()
+        rows, label_rows = [], []
+        for b in range(input_ids.shape[0]):
+            ids = input_ids[b, attention_mask[b].bool()]
+            at = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+            if len(at) != 1:
+                raise ValueError(f"row {b} holds {len(at)} image tokens ({IMAGE_TOKEN_INDEX}); expected exactly one")
+            k = int(at[0])
+            video = video_embeds[b if video_embeds.shape[0] > 1 else 0]
+            rows.append(torch.cat([embed(ids[:k]), video.to(embed.weight.dtype), embed(ids[k + 1:])]))
+            if labels is not None:
+                lab = labels[b, attention_mask[b].bool()]
+                label_rows.append(torch.cat([lab[:k], lab.new_full((video.shape[0],), IGNORE_INDEX), lab[k + 1:]]))
+        n = max(r.shape[0] for r in rows)
+        embeds = torch.stack([F.pad(r, (0, 0, 0, n - r.shape[0])) for r in rows])
+        mask = torch.stack([(torch.arange(n, device=input_ids.device) < r.shape[0]).long() for r in rows])
+        if labels is not None:
+            labels = torch.stack([F.pad(l, (0, n - l.shape[0]), value=IGNORE_INDEX) for l in label_rows])
+        return embeds, mask, labels
+
+    def forward(self, input_ids, attention_mask, video_embeds, labels=None):
+        """Logits of a batch of prompts+answers. Returns (logits (B, L', V), labels (B, L') or None):
+        labels spliced like the inputs, so logits[:, t] predicts labels[:, t + 1]."""
+        embeds, mask, labels = self.splice(input_ids, attention_mask, video_embeds, labels)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        return logits, labels
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer helpers
+
+def tokenize_prompt(tokenizer, prompt):
+    """Token ids of a prompt with one "<image>": the text before and after is tokenized separately and
+    joined with -200 (SPEC.md s1); no BOS. Returns a list[int]. Raises ValueError unless exactly one <image>."""
+    parts = prompt.split("<image>")
+    if len(parts) != 2:
+        raise ValueError(f"prompt must hold exactly one <image>, holds {len(parts) - 1}: {prompt[:80]!r}")
+    before, after = (tokenizer(p, add_special_tokens=False).input_ids for p in parts)
+    return before + [IMAGE_TOKEN_INDEX] + after
+
+
+def build_tokenizer(texts, out_dir, vocab_size=1024):
+    """Train the tiny preset's tokenizer: byte-level BPE (as Qwen's), `<|endoftext|>` = eos = pad,
+    and the four reasoning tags as single tokens, saved to `out_dir` so that
+    AutoTokenizer.from_pretrained(out_dir) loads it. `texts`: iterable of training strings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", padding_side="right")
+    fast.add_tokens(["<think>", "</think>", "<answer>", "</answer>"])  # plain (not special) tokens
+    fast.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints in the released layout (SPEC.md s2)
+
+def config_dict(cfg):
+    """The config.json of a checkpoint: the released keys, plus our two resampler keys."""
+    d = asdict(cfg)
+    return {"architectures": ["TinyLlavaForConditionalGeneration"], "model_type": "tinyllava",
+            "connector_type": "groupresampler", "group": cfg.group, "num_queries": cfg.num_queries,
+            "num_resampler_layers": cfg.num_resampler_layers, "resampler_heads": cfg.resampler_heads,
+            "resampler_dim_head": cfg.resampler_dim_head, "hidden_size": cfg.hidden_size,
+            "image_token_index": cfg.image_token_index, "ignore_index": IGNORE_INDEX,
+            "image_aspect_ratio": "square", "llm_model_name_or_path": "Qwen/Qwen2.5-3B",
+            "tokenizer_name_or_path": "Qwen/Qwen2.5-3B", "tokenizer_model_max_length": 3072,
+            "tokenizer_padding_side": "right", "tokenizer_use_fast": False, "pad_token": cfg.pad_token,
+            "text_config": d["text_config"], "vision_config": d["vision_config"],
+            "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
+            "vision_hidden_size": cfg.vision_hidden_size, "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": "patch"}
+
+
+def config_from_dict(d, where="config.json"):
+    """Config from a checkpoint's config.json dict. Raises ValueError for another model type or connector."""
+    if d.get("model_type") != "tinyllava" or d.get("connector_type", "groupresampler") != "groupresampler":
+        raise ValueError(f"{where}: model_type {d.get('model_type')!r} / connector_type "
+                         f"{d.get('connector_type')!r}; expected 'tinyllava' / 'groupresampler'")
+    return Config(text_config=dict(QWEN25_3B, **d["text_config"]),
+                  vision_config=dict(SIGLIP_SO400M, **d.get("vision_config", {})),
+                  group=d.get("group", 16), num_queries=d.get("num_queries", 512),
+                  num_resampler_layers=d.get("num_resampler_layers", 3),
+                  resampler_heads=d.get("resampler_heads", 8), resampler_dim_head=d.get("resampler_dim_head", 64),
+                  vision_feature_layer=d.get("vision_feature_layer", -2),
+                  image_token_index=d.get("image_token_index", IMAGE_TOKEN_INDEX),
+                  pad_token=d.get("pad_token", "<|endoftext|>"))
+
+
+def expected_keys(model):
+    """Names a checkpoint must hold: the state dict less the tied lm_head (absent in the release)."""
+    keys = set(model.state_dict())
+    if model.cfg.text_config.get("tie_word_embeddings", True):
+        keys.discard("language_model.lm_head.weight")
+    return keys
+
+
+def resolve(path):
+    """A local checkpoint folder, or a hub id ("Zhang199/...") downloaded with huggingface_hub.
+    Raises FileNotFoundError naming what to download and where when it is neither."""
+    if Path(path).is_dir():
+        return Path(path)
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(str(path)))
+        except Exception as e:  # offline, unknown repo, ...: the user must fetch it by hand
+            raise FileNotFoundError(
+                f"cannot download {path} ({type(e).__name__}: {e}). On a machine with internet run "
+                f"`huggingface-cli download {path} --local-dir checkpoints/{Path(str(path)).name}` and pass "
+                f"that folder instead") from e
+    raise FileNotFoundError(f"checkpoint folder not found: {path}")
+
+
+def load_state(path):
+    """All tensors of a checkpoint folder: model.safetensors, or the shards of model.safetensors.index.json."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    return state
+
+
+def from_pretrained(path, device="cpu", dtype=torch.float32):
+    """Load a checkpoint folder in the released layout (SPEC.md s2): config.json, safetensors
+    (single file or sharded with an index), tokenizer files.
+
+    Returns: (model, tokenizer), the model on `device` in `dtype`, vision tower frozen.
+    Raises: FileNotFoundError (missing folder or weights), ValueError listing every missing and
+    unexpected parameter name (no silent partial load) or a shape mismatch.
+    """
+    path = resolve(path)
+    cfg = config_from_dict(json.loads((path / "config.json").read_text()), path / "config.json")
+    with torch.device(device):
+        model = TinyLlavaVideo(cfg)
+    state = load_state(path)
+    expected = expected_keys(model)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected - {"language_model.lm_head.weight"})
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model.\n  missing ({len(missing)}): {missing[:20]}"
+                         f"\n  unexpected ({len(unexpected)}): {unexpected[:20]}")
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    model.load_state_dict(state, strict=False)   # lm_head: tied to the embeddings when absent
+    model.language_model.tie_weights()
+    model.to(dtype)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30):
+    """Write a checkpoint folder in the released layout (names, config.json, shards + index), atomically:
+    everything goes to a temporary sibling folder that is renamed into place at the end, so a crash
+    leaves either the old checkpoint or the new one, never a readable but broken one.
+
+    dtype: cast the weights (the release is bf16); None keeps them (fp32 master weights for resume).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    keys = expected_keys(model)
+    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items() if k in keys}
+    shards, size = [{}], 0
+    for k in sorted(state):
+        nbytes = state[k].numel() * state[k].element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][k], size = state[k], size + nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config_dict(model.cfg), indent=2))
+    eos = model.cfg.text_config["eos_token_id"]
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Move a finished folder `tmp` to `path`, replacing what was there with two renames."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Sampling (GRPO's rollouts, evaluation) and log-probs, by hand
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top_k largest logits (0: all), then the smallest set of tokens whose probability sums
+    to at least top_p; the rest become -inf. logits: float (N, V). Returns float (N, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # tokens after the top_p mass is reached
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def completion_mask(ids, eos_id):
+    """1 on completion tokens up to and including the first eos, 0 after (from POSITIONS, never from
+    token values: pad = eos in Qwen). ids: long (G, L) -> long (G, L)."""
+    is_eos = ids == eos_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1])  # (G,)
+    return (torch.arange(ids.shape[1], device=ids.device)[None] <= first[:, None]).long()
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, video_embeds, G=8, max_new_tokens=512, temperature=1.0, top_k=50,
+           top_p=1.0, eos_id=None, generator=None):
+    """Draw G completions of one prompt about one video.
+
+    The video is encoded once (video_embeds), the prompt is prefilled once, and its KV cache is copied
+    G times; then all G rows decode together, token by token. A row stops at its first eos (later
+    positions are filled with eos and masked out); all stop at max_new_tokens.
+
+    Args:
+        prompt_ids: long (P,) with one -200.  video_embeds: (Q, D) connector outputs.
+        temperature: 0 means greedy.  top_k: 0 means no top-k.  generator: torch.Generator on the
+            model's device, for reproducible sampling.
+    Returns: (ids long (G, L), mask long (G, L)) with L <= max_new_tokens; mask from completion_mask.
+    """
+    lm = model.language_model
+    eos_id = lm.config.eos_token_id if eos_id is None else eos_id
+    prompt = prompt_ids.to(video_embeds.device)[None]
+    embeds, _, _ = model.splice(prompt, torch.ones_like(prompt), video_embeds[None])   # (1, P', D)
+    cache = DynamicCache()
+    logits = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1]  # prefill once
+    cache.batch_repeat_interleave(G)                           # the prompt's KV cache, G copies
+    logits = logits.expand(G, -1)                              # (G, V)
+    done = torch.zeros(G, dtype=torch.bool, device=logits.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        nxt = pick_tokens(logits.float(), temperature, top_k, top_p, generator)  # (G,)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        tokens.append(nxt)
+        done |= nxt == eos_id
+        if done.all():
+            break
+        logits = lm(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1]  # decode
+    ids = torch.stack(tokens, 1)                               # (G, L)
+    return ids, completion_mask(ids, eos_id)
+
+
+def pick_tokens(logits, temperature, top_k, top_p, generator):
+    """One token per row: argmax when temperature == 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def completion_logprobs(model, prompt_ids, video_embeds, completion_ids):
+    """Per-token log-probs of G completions of one prompt, in one batched forward (GRPO's policy and
+    reference log-probs). Gradient flows when called outside no_grad.
+
+    Args: prompt_ids long (P,) with one -200; video_embeds (Q, D); completion_ids long (G, L).
+    Returns: float32 (G, L): log pi(o_t | prompt, video, o_<t).
+    """
+    G, L = completion_ids.shape
+    ids = torch.cat([prompt_ids.to(completion_ids.device).expand(G, -1), completion_ids], 1)
+    embeds, mask, _ = model.splice(ids, torch.ones_like(ids), video_embeds[None])
+    hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    start = embeds.shape[1] - L - 1                            # the position that predicts o_1
+    logits = model.language_model.lm_head(hidden[:, start:start + L]).float()  # (G, L, V)
+    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: one rollout group, our sampler vs HF generate()
+
+def bench(G=8, new_tokens=128, prompt_len=64):
+    """Times one rollout group on CPU for a mid-size random model (same weights, same run):
+    8 separate generate() calls with batch 1 (the reference code's way), generate() with
+    num_return_sequences=G, and `sample`. Every call is forced to make exactly `new_tokens` tokens."""
+    torch.manual_seed(0)
+    cfg = tiny_config(4096)
+    cfg.text_config.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                           num_key_value_heads=2)
+    cfg.vision_config.update(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+    cfg.num_queries = 512  # as released: the prompt the model prefills is ~600 tokens, mostly video
+    model = TinyLlavaVideo(cfg).eval()
+    lm = model.language_model
+    pixels = torch.randn(16, 3, cfg.image_size, cfg.image_size)
+    prompt = torch.randint(1, 4096, (prompt_len,))
+    prompt[10] = IMAGE_TOKEN_INDEX
+    never = dict(eos_token_id=None, pad_token_id=0)  # no early stop: all three make the same work
+    with torch.no_grad():
+        def reference_way():
+            for _ in range(G):  # the reference: encode the video and prefill again for every sample
+                embeds, _, _ = model.splice(prompt[None], torch.ones(1, prompt_len), model.encode_video(pixels)[None])
+                lm.generate(inputs_embeds=embeds, do_sample=True, top_k=50, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, **never)
+        def hf_batched():
+            embeds, _, _ = model.splice(prompt[None], torch.ones(1, prompt_len), model.encode_video(pixels)[None])
+            lm.generate(inputs_embeds=embeds, do_sample=True, top_k=50, max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens, num_return_sequences=G, **never)
+        def ours():
+            sample(model, prompt, model.encode_video(pixels), G=G, max_new_tokens=new_tokens, eos_id=-1,
+                   generator=torch.Generator().manual_seed(0))
+        times = {}
+        for name, fn in (("reference: 8 x generate(batch 1)", reference_way),
+                         ("generate(num_return_sequences=8)", hf_batched), ("ours: sample()", ours)):
+            runs = []
+            for _ in range(2):  # best of two
+                t0 = time.perf_counter()
+                fn()
+                runs.append(time.perf_counter() - t0)
+            times[name] = min(runs)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"one rollout group: G={G}, {new_tokens} new tokens, {prompt_len}-token prompt + 16 frames "
+          f"({cfg.num_queries} video tokens), best of 2, "
+          f"{n_params:.0f}M-parameter model, CPU, {torch.get_num_threads()} threads")
+    base = times["ours: sample()"]
+    for name, t in times.items():
+        print(f"  {name:36s} {t:7.2f} s   {t / base:5.2f}x ours")
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["bench"]:
+        bench()
+    else:
+        print(__doc__)
