@@ -230,6 +230,14 @@ def format_options(question, options):
     return question + "\nOptions:\n" + "\n".join(lines)
 
 
+OPTION_LINE = re.compile(r"^([A-J])\. ", re.MULTILINE)
+
+
+def option_letters(problem):
+    """The letters of a problem's options ("A. ..." lines), e.g. "ABCDE"; "ABCDE" when none are found."""
+    return "".join(OPTION_LINE.findall(problem)) or "ABCDE"
+
+
 def build_question(problem, mode="reason", sep=" "):
     """The user's text: the problem (question with options) + the answer-mode suffix.
 

@@ -250,6 +250,21 @@ class TinyLlavaVideo(nn.Module):
             labels = torch.stack([F.pad(l, (0, n - l.shape[0]), value=IGNORE_INDEX) for l in label_rows])
         return embeds, mask, labels
 
+    def completion_logprobs(self, prompt_ids, video_embeds, completion_ids):
+        """Per-token log-probs of G completions of one prompt, in one batched forward. Gradient flows
+        when called outside no_grad. (A method, so FSDP can gather the parameters around it.)
+
+        Args: prompt_ids long (P,) with one -200; video_embeds (Q, D); completion_ids long (G, L).
+        Returns: float32 (G, L): log pi(o_t | prompt, video, o_<t).
+        """
+        G, L = completion_ids.shape
+        ids = torch.cat([prompt_ids.to(completion_ids.device).expand(G, -1), completion_ids], 1)
+        embeds, mask, _ = self.splice(ids, torch.ones_like(ids), video_embeds[None])
+        # Only the last L + 1 positions' logits: the one before o_1 predicts o_1, the very last nothing.
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=L + 1).logits
+        logits = logits[:, :-1].float()                                     # (G, L, V)
+        return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
     def forward(self, input_ids, attention_mask, video_embeds, labels=None):
         """Logits of a batch of prompts+answers. Returns (logits (B, L', V), labels (B, L') or None):
         labels spliced like the inputs, so logits[:, t] predicts labels[:, t + 1]."""
@@ -393,12 +408,14 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30):
+def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30, state=None, extra=None):
     """Write a checkpoint folder in the released layout (names, config.json, shards + index), atomically:
     everything goes to a temporary sibling folder that is renamed into place at the end, so a crash
     leaves either the old checkpoint or the new one, never a readable but broken one.
 
     dtype: cast the weights (the release is bf16); None keeps them (fp32 master weights for resume).
+    state: the tensors to write (default: model.state_dict(); train.py passes FSDP's gathered state).
+    extra: {file name: object} saved with torch.save into the same folder (the training state).
     """
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -406,7 +423,7 @@ def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 *
     tmp.mkdir(parents=True)
     keys = expected_keys(model)
     state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
-             for k, v in model.state_dict().items() if k in keys}
+             for k, v in (state if state is not None else model.state_dict()).items() if k in keys}
     shards, size = [{}], 0
     for k in sorted(state):
         nbytes = state[k].numel() * state[k].element_size()
@@ -430,6 +447,8 @@ def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 *
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": eos}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     replace_dir(tmp, path)
 
 
@@ -514,19 +533,9 @@ def pick_tokens(logits, temperature, top_k, top_p, generator):
 
 
 def completion_logprobs(model, prompt_ids, video_embeds, completion_ids):
-    """Per-token log-probs of G completions of one prompt, in one batched forward (GRPO's policy and
-    reference log-probs). Gradient flows when called outside no_grad.
-
-    Args: prompt_ids long (P,) with one -200; video_embeds (Q, D); completion_ids long (G, L).
-    Returns: float32 (G, L): log pi(o_t | prompt, video, o_<t).
-    """
-    G, L = completion_ids.shape
-    ids = torch.cat([prompt_ids.to(completion_ids.device).expand(G, -1), completion_ids], 1)
-    embeds, mask, _ = model.splice(ids, torch.ones_like(ids), video_embeds[None])
-    hidden = model.language_model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    start = embeds.shape[1] - L - 1                            # the position that predicts o_1
-    logits = model.language_model.lm_head(hidden[:, start:start + L]).float()  # (G, L, V)
-    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    """Per-token log-probs of G completions of one prompt (GRPO's policy and reference log-probs);
+    see TinyLlavaVideo.completion_logprobs. Returns float32 (G, L)."""
+    return model.completion_logprobs(prompt_ids, video_embeds, completion_ids)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""train.py on the tiny model: data parallel = one big batch, what GRPO trains, SFT labels, resume, bad videos."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model as M
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small shapes data set and a tiny model after one SFT step (its starting checkpoint)."""
+    d = tmp_path_factory.mktemp("shapes")
+    data.generate_shapes(d, n_train=24, n_test=4, seed=1, workers=1)
+    init = d / "init"
+    train.main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out", str(init),
+                "--max-steps", "1", "--lr", "1e-3", "--quiet"])
+    return d, init / "final"
+
+
+GRPO = ["--stage", "grpo", "--G", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--micro-batch", "3", "--quiet"]
+
+
+def weights(path):
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def metrics(path):
+    return [json.loads(l) for l in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "train.py")] + args
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_on_the_union_batch(setup, tmp_path, mode):
+    d, init = setup
+    common = GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--max-steps", "1", "--beta", "0.05"]
+    train.main(common + ["--out", str(tmp_path / "one"), "--prompts-per-rank", "2"])
+    torchrun(common + ["--out", str(tmp_path / "two"), "--prompts-per-rank", "1"] + (["--fsdp"] if mode == "fsdp" else []))
+    a, b, start = weights(tmp_path / "one/final"), weights(tmp_path / "two/final"), weights(init)
+    assert a.keys() == b.keys()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert moved > 1e-4                                   # the step did something
+    for k in a:  # Adam's first step is about lr * sign(grad): compare at a fraction of lr
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0, msg=k)
+    ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert ma[0]["reward"] == pytest.approx(mb[0]["reward"]) and ma[0]["completion_length"] == mb[0]["completion_length"]
+
+
+def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
+    d, init = setup
+    train.main(GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "r"),
+                       "--max-steps", "1", "--prompts-per-rank", "2", "--tgrpo", "--num-iterations", "2"])
+    a, b = weights(init), weights(tmp_path / "r/final")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert all(not k.startswith("vision_tower.") for k in changed)
+    assert any(k.startswith("connector.") for k in changed)
+    assert any(k.startswith("language_model.model.layers.") for k in changed)
+    row = metrics(tmp_path / "r")[0]
+    for key in ("reward", "reward_std", "rewards/accuracy", "rewards/format", "completion_length", "kl", "clip_ratio", "lr"):
+        assert key in row
+
+
+def test_sft_labels_cover_answer_and_eos_only(setup):
+    d, init = setup
+    _, tok = M.from_pretrained(init)
+    s = data.Sample(video=Path("x.mp4"), question="Q?", answer="B", target="<think>a</think> <answer>B</answer>")
+    ids, labels = train.sft_tensors(tok, s, torch.device("cpu"))
+    prompt = M.tokenize_prompt(tok, data.chat_prompt("Q?"))
+    answer = tok("<think>a</think> <answer>B</answer>", add_special_tokens=False).input_ids
+    assert ids.tolist() == prompt + answer + [tok.eos_token_id]
+    assert labels.tolist() == [-100] * len(prompt) + answer + [tok.eos_token_id]
+
+
+def test_resume_repeats_an_uninterrupted_run(setup, tmp_path):
+    d, init = setup
+    args = GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--max-steps", "4", "--save-every", "2",
+                   "--prompts-per-rank", "2"]
+    train.main(args + ["--out", str(tmp_path / "full")])
+    (tmp_path / "cut").mkdir()
+    train.main(args + ["--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "full/step-000002")])
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for k in ("reward", "rewards/accuracy", "completion_length", "kl", "grad_norm"):
+            assert a[k] == b[k], (k, a[k], b[k])
+    wa, wb = weights(tmp_path / "full/final"), weights(tmp_path / "cut/final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_broken_video_is_skipped_and_counted(setup, tmp_path):
+    d, init = setup
+    rows = (d / "train.jsonl").read_text().splitlines()[:8]
+    bad = tmp_path / "videos"
+    bad.mkdir()
+    (bad / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    rec = json.loads(rows[0])
+    rec["video_filename"] = str(bad / "broken.mp4")
+    rows[3] = json.dumps(rec)
+    for i, r in enumerate(rows[:3] + rows[4:]):  # the others point at the real clips
+        rec = json.loads(r)
+        rec["video_filename"] = str(d / rec["video_filename"])
+        rows[i if i < 3 else i + 1] = json.dumps(rec)
+    (tmp_path / "mixed.jsonl").write_text("\n".join(rows))
+    train.main(GRPO + ["--init", str(init), "--data", str(tmp_path / "mixed.jsonl"), "--out", str(tmp_path / "r"),
+                       "--prompts-per-rank", "2", "--max-steps", "4"])
+    m = metrics(tmp_path / "r")
+    assert len(m) == 4 and m[-1]["skipped_total"] == 1 and sum(r["skipped"] for r in m) == 1
+    cache = train.VideoCache(16, 48, max_bad_fraction=0.05)
+    for _ in range(19):
+        cache(bad / "broken.mp4")   # tolerated until 20 videos have been seen
+    with pytest.raises(RuntimeError, match="broken.mp4"):
+        cache(bad / "broken.mp4")

@@ -1,0 +1,608 @@
+"""
+Train TinyLLaVA-Video-R1 (paper s4.1): cold-start SFT, then GRPO with the rule rewards.
+
+    python train.py --stage sft  --init CKPT --data coldstart.json --out runs/coldstart --lr 1e-5 --schedule constant
+    python train.py --stage grpo --init runs/coldstart/final --data nextqa.jsonl --video-root DATA --out runs/r1
+    torchrun --nproc_per_node 8 train.py --stage grpo ...          # the paper's 8 GPUs, 1 prompt each
+    python train.py --stage sft --init tiny --data data/shapes/sft.json ...   # a from-scratch tiny model (CPU)
+
+One optimizer step of GRPO (defaults = SPEC.md s3): each rank takes its prompts; for each prompt it
+encodes the 16 frames once, samples G = 8 completions with the unwrapped model, scores them
+(rewards.py), turns rewards into group advantages (grpo.py, eq. 2), and back-propagates the loss of
+eq. (1) in micro-batches; then the gradients are averaged over ranks and AdamW steps.
+
+Data parallel, by hand: every rank holds the whole model (or, with --fsdp, a shard of it:
+torch's FSDP2), takes a disjoint slice of each global batch, and every loss is normalised so that
+the mean of the ranks' gradients is the gradient of the one big batch (grpo.py's docstring).
+All randomness (data order, sampling, advantage noise, T-GRPO's shuffles) is a function of
+(seed, step, prompt index), so a resumed run repeats an uninterrupted one and the same global batch
+gives the same update on 1 or 8 ranks.
+
+Departures from the reference code:
+1. Reward: eq. (4) as the paper writes it (--reference-reward for the code's formula).
+2. A sample whose video cannot be decoded is skipped (its group gets zero weight) and counted; the
+   reference substitutes another video.
+3. fp32 master weights with bf16 autocast (the reference trains bf16 weights, which cannot hold lr-1e-6 updates).
+"""
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import grpo
+import model as M
+import rewards
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--stage", choices=["sft", "grpo"], default="grpo")
+    p.add_argument("--init", required=True, help="checkpoint folder or hub id; 'tiny' = a new tiny model")
+    p.add_argument("--data", required=True, help="grpo: NextQA-format jsonl; sft: LLaVA-format json")
+    p.add_argument("--video-root", default=None, help="videos are relative to this (default: the data file's folder)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints")
+    p.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    # GRPO (SPEC.md s3)
+    p.add_argument("--G", type=int, default=8, help="completions per prompt")
+    p.add_argument("--prompts-per-rank", type=int, default=1, help="prompts per rank per optimizer step")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.01, help="KL weight; 0 = no reference model (paper s4.3.3)")
+    p.add_argument("--clip-eps", type=float, default=0.2)
+    p.add_argument("--num-iterations", type=int, default=1, help="updates per rollout (>1: the clip binds)")
+    p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="dr_grpo also drops the std division")
+    p.add_argument("--noise-std", type=float, default=0.02, help="advantage noise (paper s3.2); 0 = off")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    # rewards (paper s3.4, Figure 5; Video-R1)
+    p.add_argument("--no-length-reward", action="store_true", help="Figure 5: fixed format reward")
+    p.add_argument("--no-wrong-penalty", action="store_true", help="Figure 5: R = AR + FR")
+    p.add_argument("--reference-reward", action="store_true", help="the reference code's reward formula")
+    p.add_argument("--ml", type=int, default=rewards.ML, help="ML of eq. (3), characters")
+    p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO: G/2 extra completions on shuffled frames")
+    p.add_argument("--tgrpo-alpha", type=float, default=0.3)
+    p.add_argument("--tgrpo-mu", type=float, default=1.0)
+    # optimisation
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
+    p.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard params, grads and optimizer state (FSDP2)")
+    p.add_argument("--seed", type=int, default=0)
+    # logs and checkpoints
+    p.add_argument("--sample-every", type=int, default=10, help="print one completion every N steps")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more videos than this fail")
+    p.add_argument("--wandb", default=None, help="a wandb project name (needs wandb installed)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Distributed helpers
+
+def dist_init():
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun; NCCL on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return rank, world, torch.device("cpu")
+
+
+def average_gradients(params, world):
+    # Plain data parallel: the mean over ranks of each gradient (one all-reduce per tensor).
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def all_sum(values, device):
+    """Sum a list of floats over ranks (logging and counts)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def seeded(*key):
+    """A torch.Generator whose state is a function of the key (seed, step, prompt index, ...)."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
+
+
+# -----------------------------------------------------------------------------
+# Model setup
+
+def build_model(args, device):
+    """Returns (model, tokenizer). 'tiny' builds a new tiny model whose tokenizer is trained on the
+    texts of the data folder (the shapes task)."""
+    if args.init == "tiny":
+        folder = Path(args.data).parent
+        tok_dir = Path(args.out) / "tokenizer"
+        if is_master():
+            tok_dir.parent.mkdir(parents=True, exist_ok=True)
+            M.build_tokenizer(tokenizer_texts(folder), tok_dir)
+        barrier()
+        tok = M.AutoTokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(args.seed)
+        return M.TinyLlavaVideo(M.tiny_config(len(tok))).to(device), tok
+    return M.from_pretrained(args.init, device=device)
+
+
+def tokenizer_texts(folder):
+    """Every text the tiny model will read or write: prompts, questions, answers, reasoning."""
+    texts = [data.chat_prompt(data.build_question("", m)) for m in ("reason", "option")]
+    for f in sorted(folder.glob("*.json")):
+        for s in data.read_llava_json(f):
+            texts += [s.question, s.target or ""]
+    for f in sorted(folder.glob("*.jsonl")):
+        texts += [s.question for s in data.read_nextqa_jsonl(f)]
+    return texts * 4
+
+
+def shard_model(model):
+    """FSDP2: one unit per decoder layer and the connector, the rest (embeddings, tied lm_head, norm,
+    frozen vision tower) in the root unit; bf16 compute and fp32 gradient reduction on CUDA."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.connector, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for method in ("encode_video", "completion_logprobs"):
+        register_fsdp_forward_method(model, method)
+    # FSDP initialises lazily from the first root forward; make it a root forward, not the sampler's
+    # direct layer calls (which would turn each layer into a root of its own).
+    with torch.no_grad():
+        S = model.cfg.image_size
+        model.encode_video(torch.zeros(1, 3, S, S, device=next(model.parameters()).device))
+    # The root stays gathered after a forward; reshard it so that model.parameters() -- what the
+    # optimizer will hold -- are the sharded parameters, not a temporary full copy.
+    for unit in Gathered(model).units:
+        unit.reshard()
+
+
+class Gathered:
+    """Inside `with Gathered(model):` an FSDP model holds full parameters and runs forwards without
+    collectives, so ranks may decode different numbers of tokens. A no-op without FSDP."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for u in self.units:
+            u.unshard()
+            u.set_reshard_after_forward(False)
+
+    def __exit__(self, *exc):
+        for u in self.units:
+            u.reshard()
+            u.set_reshard_after_forward(True)
+
+
+def memory_report(model, args, world, device):
+    """Bytes per rank for parameters, gradients, AdamW state and the reference model; a warning when
+    they exceed the device's memory. Activations and the KV cache come on top."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shard = world if args.fsdp else 1
+    parts = {"parameters (fp32)": 4 * n_all / shard, "gradients (fp32)": 4 * n_train / shard,
+             "AdamW state (fp32 m, v)": 8 * n_train / shard}
+    if args.stage == "grpo" and args.beta > 0:
+        parts["reference model"] = (2 if device.type == "cuda" else 4) * n_all
+    total = sum(parts.values())
+    lines = [f"memory per rank ({'FSDP over %d ranks' % world if args.fsdp else 'data parallel'}, "
+             f"{n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained):"]
+    lines += [f"  {k:26s} {v / 2**30:8.2f} GiB" for k, v in parts.items()]
+    lines.append(f"  {'total before activations':26s} {total / 2**30:8.2f} GiB")
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+        if total > 0.9 * have:
+            lines.append(f"  WARNING: that is more than 90% of this GPU's {have / 2**30:.0f} GiB; "
+                         f"try --fsdp, --grad-checkpointing or more GPUs")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+class VideoCache:
+    """Loads and preprocesses a sample's frames; counts failures and stops the run past a fraction."""
+
+    def __init__(self, num_frames, size, max_bad_fraction):
+        self.num_frames, self.size, self.max_bad = num_frames, size, max_bad_fraction
+        self.seen, self.bad = 0, []
+
+    def __call__(self, path):
+        """Returns float (T, 3, S, S), or None (with a warning) when the video cannot be read."""
+        self.seen += 1
+        try:
+            return data.preprocess(data.load_video(path, self.num_frames), self.size)
+        except (FileNotFoundError, ValueError) as e:
+            self.bad.append(str(path))
+            print(f"[rank {rank_of()}] WARNING: skipping sample, {e}", flush=True)
+            if len(self.bad) > max(1, self.max_bad * self.seen) and self.seen >= 20:
+                raise RuntimeError(f"{len(self.bad)} of {self.seen} videos failed (more than "
+                                   f"--max-bad-fraction {self.max_bad}): {self.bad[:20]}")
+            return None
+
+
+def batch_indices(n_items, step, per_rank, rank, world, seed):
+    """This rank's item indices for a step: epoch e's order is a permutation seeded by (seed, e);
+    a global batch is world * per_rank consecutive items of it; rank r takes its slice."""
+    per_step = per_rank * world
+    steps_per_epoch = n_items // per_step
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    start = k * per_step + rank * per_rank
+    # second list: each item's position in the global batch, which (with the step) seeds its sampling
+    return [int(i) for i in order[start:start + per_rank]], [rank * per_rank + j for j in range(per_rank)]
+
+
+# -----------------------------------------------------------------------------
+# One GRPO step
+
+def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
+    """Sample G completions for one prompt and score them. Returns a dict with the group's tensors
+    (ids, mask, advantages, ref/old log-probs) and its metrics, or a zero-weight dummy group when
+    the video could not be read (same passes, no gradient, so ranks stay in step)."""
+    prompt_text = data.chat_prompt(data.build_question(sample.question, "reason"))
+    prompt = torch.tensor(M.tokenize_prompt(tok, prompt_text), device=device)
+    eos = tok.eos_token_id
+    if pixels is None:  # zero-weight group: a blank video and one eos token per row
+        pixels = torch.zeros(args.num_frames, 3, model.cfg.image_size, model.cfg.image_size)
+        ids = torch.full((args.G, 1), eos, device=device)
+        return dict(prompt=prompt, pixels=pixels.to(device), ids=ids, mask=torch.ones_like(ids),
+                    adv=torch.zeros(args.G, device=device), weight=0.0, metrics=None, old_logp=None,
+                    ref_logp=torch.zeros(ids.shape, device=device))
+    pixels = pixels.to(device)
+    letters = data.option_letters(sample.question)
+    with torch.no_grad(), autocast(device), Gathered(model):
+        feats = model.vision_tower(pixels)                          # (T, P, Dv), once per prompt
+        video = model.connector(feats)                              # (Q, D)
+        ids, mask = M.sample(model, prompt, video, G=args.G, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
+                             generator=seeded(args.seed, step, index, "sample"))
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
+        r = torch.tensor([score(t, sample.answer, args, letters) for t in texts])
+        acc = torch.tensor([rewards.accuracy_reward(t, sample.answer, options=letters) for t in texts])
+        fmt = torch.tensor([rewards.format_reward(t, args.ml, length_reward=not args.no_length_reward) for t in texts])
+        bonus = torch.zeros(args.G)
+        if args.tgrpo:  # Video-R1: G/2 completions on shuffled frames, no gradient through them
+            perm = torch.randperm(feats.shape[0], generator=seeded(args.seed, step, index, "shuffle"))
+            shuffled = model.connector(feats[perm.to(device)])
+            sids, smask = M.sample(model, prompt, shuffled, G=args.G // 2, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
+                                   generator=seeded(args.seed, step, index, "sample-shuffled"))
+            sacc = [rewards.accuracy_reward(tok.decode(row[m.bool()], skip_special_tokens=True), sample.answer,
+                                            options=letters) for row, m in zip(sids.cpu(), smask.cpu())]
+            bonus = torch.tensor(rewards.temporal_bonus(acc.tolist(), sacc, args.tgrpo_alpha, args.tgrpo_mu))
+        total = r + bonus
+        adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo", noise_std=args.noise_std,
+                                    generator=seeded(args.seed, step, index, "noise"))
+    out = dict(prompt=prompt, pixels=pixels, ids=ids, mask=mask, adv=adv.to(device), weight=1.0, ref_logp=None, old_logp=None)
+    with torch.no_grad(), autocast(device):
+        if ref_model is not None:
+            out["ref_logp"] = ref_model.completion_logprobs(prompt, ref_model.encode_video(pixels), ids)
+        if args.num_iterations > 1:
+            out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
+    lengths = mask.sum(1).float()
+    out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=lengths.tolist(),
+                          text=texts[0], text_reward=float(total[0]), answer=sample.answer)
+    return out
+
+
+def score(text, answer, args, letters):
+    """The reward of one completion under the chosen setting (rewards.py)."""
+    if args.reference_reward:
+        return rewards.reference_reward(text, answer, args.ml)
+    return rewards.reward(text, answer, length_reward=not args.no_length_reward,
+                          wrong_penalty=not args.no_wrong_penalty, ml=args.ml)
+
+
+def grpo_backward(model, group, args, n_sequences, device):
+    """Backward of eq. (1) for one group, in micro-batches; the loss is normalised by the number of
+    sequences on this rank (n_sequences), so summing micro-batches gives the rank's batch mean.
+    Returns the summed loss (float) and the per-token metrics of grpo_loss."""
+    G, L = group["ids"].shape
+    feats = None if args.fsdp else model.vision_tower(group["pixels"])  # frozen: once per group
+    total, stats = 0.0, []
+    for lo in range(0, G, args.micro_batch):
+        sl = slice(lo, lo + args.micro_batch)
+        with autocast(device):
+            video = model.encode_video(group["pixels"]) if args.fsdp else model.connector(feats)  # with grad
+            logp = model.completion_logprobs(group["prompt"], video, group["ids"][sl])
+        old = logp.detach() if group["old_logp"] is None else group["old_logp"][sl]
+        ref = None if group["ref_logp"] is None else group["ref_logp"][sl]
+        loss, m = grpo.grpo_loss(logp, old, ref, group["adv"][sl], group["mask"][sl], clip_eps=args.clip_eps,
+                                 beta=args.beta, loss_type=args.loss_type, num_sequences=n_sequences,
+                                 max_len=args.max_new_tokens)
+        (loss * group["weight"]).backward()
+        total += loss.item() * group["weight"]
+        stats.append(m)
+    return total, stats
+
+
+# -----------------------------------------------------------------------------
+# One SFT step
+
+def sft_tensors(tok, sample, device):
+    """ids and labels of one cold-start / SFT sample: prompt + target + eos, loss on target + eos only
+    (SPEC.md s3). Returns (ids long (n,), labels long (n,))."""
+    prompt = M.tokenize_prompt(tok, data.chat_prompt(sample.question))
+    answer = tok(sample.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor(prompt + answer, device=device)
+    labels = torch.tensor([M.IGNORE_INDEX] * len(prompt) + answer, device=device)
+    return ids, labels
+
+
+def sft_backward(model, tok, samples, pixels, device, world):
+    """Cross-entropy on answer tokens, normalised by the GLOBAL number of answer tokens (times world,
+    since gradients are then averaged over ranks). Returns (summed loss, local tokens)."""
+    rows = [sft_tensors(tok, s, device) for s in samples]
+    weights = [0.0 if p is None else 1.0 for p in pixels]
+    n_local = sum(int((lab != M.IGNORE_INDEX).sum()) * w for (_, lab), w in zip(rows, weights))
+    n_global = all_sum([n_local], device)[0]
+    total = 0.0
+    for (ids, labels), px, w in zip(rows, pixels, weights):
+        if px is None:
+            px = torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size)  # zero-weight pass
+        with autocast(device):
+            video = model.encode_video(px.to(device))
+            logits, labels2 = model(ids[None], torch.ones_like(ids)[None], video[None], labels[None])
+        ce = F.cross_entropy(logits[0, :-1].float(), labels2[0, 1:], ignore_index=M.IGNORE_INDEX, reduction="sum")
+        loss = ce * w * world / max(n_global, 1)
+        loss.backward()
+        total += ce.item() * w
+    return total / max(n_global, 1), n_local
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+def full_state(model, optimizer):
+    """Model and optimizer state with every FSDP shard gathered into a full tensor (a collective:
+    every rank calls it, in the same order). Without FSDP, plain state dicts. The format is the
+    same either way, so a run saved with --fsdp resumes without it and the other way round."""
+    def full(v):
+        return v.full_tensor() if hasattr(v, "full_tensor") else v
+    model_state = {k: full(v) for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in opt["state"].items()}
+    return model_state, opt
+
+
+def load_optimizer(optimizer, state):
+    """Load a full optimizer state; under FSDP each tensor is cut back to this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            st.update({k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                       for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0})
+    optimizer.load_state_dict(state)
+
+
+def save_checkpoint(path, model, tok, optimizer, step, args):
+    """model.py's layout (fp32 weights) + train_state.pt (optimizer, step, args), atomically. Every
+    rank must call it (FSDP gathers); rank 0 writes."""
+    state, opt_state = full_state(model, optimizer)
+    if is_master():
+        extra = {"train_state.pt": {"optimizer": opt_state, "step": step, "args": vars(args)}}
+        M.save_pretrained(model, path, tok, state=state, extra=extra)
+        print(f"saved {path}", flush=True)
+    barrier()
+
+
+# -----------------------------------------------------------------------------
+# Main loop
+
+def lr_at(step, total, args):
+    """lr multiplier: linear warmup over --warmup of the steps, then cosine to 0 (or constant)."""
+    warm = math.ceil(args.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    if args.schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def autocast(device):
+    # bf16 compute on CUDA over fp32 master weights; plain fp32 on CPU.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+_RANK = 0
+
+
+def rank_of():
+    return _RANK
+
+
+def is_master():
+    return _RANK == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv=None):
+    global _RANK
+    args = get_args(argv)
+    rank, world, device = dist_init()
+    _RANK = rank
+    out = Path(args.out)
+    if is_master():
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    log = (lambda *a: print(*a, flush=True)) if is_master() and not args.quiet else (lambda *a: None)
+
+    # model, reference model, optimizer
+    model, tok = build_model(args, device) if args.resume is None else M.from_pretrained(args.resume, device=device)
+    ref_model = None
+    if args.stage == "grpo" and args.beta > 0:  # the starting checkpoint, frozen (SPEC.md s3)
+        ref_src = M.from_pretrained(args.init, device=device)[0] if args.resume else copy.deepcopy(model)
+        ref_model = ref_src.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    if args.grad_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    model.train()
+    if args.fsdp:
+        shard_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # connector + LLM; the vision tower is frozen
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+
+    # data
+    video_root = Path(args.video_root) if args.video_root else Path(args.data).parent
+    items = data.read_nextqa_jsonl(args.data, video_root) if args.stage == "grpo" else data.read_llava_json(args.data, video_root)
+    per_rank = args.prompts_per_rank if args.stage == "grpo" else args.batch_size
+    steps_per_epoch = len(items) // (per_rank * world)
+    assert steps_per_epoch > 0, f"{len(items)} samples cannot fill one step of {per_rank} x {world} ranks"
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    videos = VideoCache(args.num_frames, model.cfg.image_size, args.max_bad_fraction)
+
+    start = 0
+    if args.resume:
+        state = torch.load(Path(args.resume) / "train_state.pt", weights_only=False)
+        load_optimizer(optimizer, state["optimizer"])
+        start = state["step"]
+        log(f"resumed from {args.resume} at step {start}")
+    log(memory_report(model, args, world, device))
+    log(f"{args.stage}: {len(items)} samples, {world} rank(s) x {per_rank} per step, {total_steps} steps")
+    if args.wandb and is_master():
+        import wandb
+        wandb.init(project=args.wandb, config=vars(args))
+
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))  # finish the step, save, exit
+    metrics_file = out / "metrics.jsonl"
+    t_start = time.time()
+    step = start
+    for step in range(start, total_steps):
+        t0 = time.time()
+        for g in optimizer.param_groups:
+            g["lr"] = args.lr * lr_at(step, total_steps, args)
+        idx, global_idx = batch_indices(len(items), step, per_rank, rank, world, args.seed)
+        samples = [items[i] for i in idx]
+        pixels = [videos(s.video) for s in samples]
+        def update():
+            """Average gradients over ranks, clip, step. Returns the gradient norm before clipping."""
+            if not args.fsdp:
+                average_gradients(params, world)  # FSDP has reduce-scattered them already
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+        if args.stage == "grpo":
+            row = grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, device, update)
+        else:
+            loss, n_tok = sft_backward(model, tok, samples, pixels, device, world)
+            loss, n_tok, skipped = all_sum([loss, n_tok, sum(p is None for p in pixels)], device)
+            row = {"loss": loss, "tokens": int(n_tok), "skipped": int(skipped)}
+        grad_norm = update()
+        dt = time.time() - t0
+        row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, sec=dt,
+                   skipped_total=len(videos.bad))
+        if is_master():
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
+            if args.wandb:
+                wandb.log(row, step=step + 1)
+        eta = (time.time() - t_start) / (step + 1 - start) * (total_steps - step - 1)
+        log(format_row(row, total_steps, eta))
+        if args.stage == "grpo" and (step + 1) % args.sample_every == 0 and row.get("sample"):
+            log(f"  sample (reward {row['sample'][1]:+.2f}, label {row['sample'][2]}): {row['sample'][0][:300]!r}")
+        if (step + 1) % args.save_every == 0 or interrupted or step + 1 == total_steps:
+            name = "final" if step + 1 == total_steps else f"step-{step + 1:06d}"
+            save_checkpoint(out / name, model, tok, optimizer, step + 1, args)
+        if interrupted:
+            log("interrupted: checkpoint saved, exiting")
+            break
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return out / "final"
+
+
+def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, device, update):
+    """Rollouts for this rank's prompts, then the backward passes of eq. (1); with --num-iterations k,
+    k updates on the same rollouts (all but the last made here, by `update`). Returns the log row."""
+    groups = [rollout(model, ref_model, tok, s, px, args, step, gi, device)
+              for s, px, gi in zip(samples, pixels, global_idx)]
+    n_seq = len(groups) * args.G
+    losses, stats = [], []
+    for it in range(args.num_iterations):
+        for g in groups:
+            loss, st = grpo_backward(model, g, args, n_seq, device)
+            losses.append(loss)
+            stats += st if g["weight"] else []
+        if it < args.num_iterations - 1:  # the extra updates of a reused rollout
+            update()
+    ms = [g["metrics"] for g in groups if g["metrics"]]
+    flat = lambda k: [v for m in ms for v in m[k]]
+    n = len(flat("reward"))
+    sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")), sum(flat("fmt")),
+                    sum(flat("length")), n, sum(s["kl"] for s in stats), sum(s["clip_ratio"] for s in stats),
+                    len(stats), len(groups) - len(ms)], device)
+    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped = sums
+    n, n_stats = max(n, 1), max(n_stats, 1)
+    row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
+           "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
+           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped)}
+    if ms:
+        row["sample"] = (ms[0]["text"], ms[0]["text_reward"], ms[0]["answer"])
+    return row
+
+
+def format_row(row, total, eta):
+    if "reward" in row:
+        body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
+                f"| format {row['rewards/format']:.3f} | len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
+                f"| clip {row['clip_ratio']:.3f}")
+    else:
+        body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"
+    skipped = f" | skipped {row['skipped_total']}" if row.get("skipped_total") else ""
+    return (f"step {row['step']:5d}/{total} | {body} | lr {row['lr']:.2e} | {row['sec']:.2f} s/step "
+            f"| eta {eta / 60:.1f} min{skipped}")
+
+
+if __name__ == "__main__":
+    main()
