@@ -13,6 +13,7 @@ Run:
 """
 import argparse
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ def load_video(path, num_frames=16, start=None, end=None):
         path: a video file (mp4, webm, avi, mkv, ...) or a folder of numbered jpg/png frames.
         num_frames: how many frames to return (16 in every stage of the paper).
         start, end: optional bounds in SECONDS (MVBench); only frames whose timestamp t
-            (from the stream start) has start <= t <= end are candidates.
+            (from the stream start) has start <= t <= end are candidates. Frame i of a folder
+            is at i / 3 s (MVBench's frame folders are sampled at 3 fps).
     Returns:
         uint8 array (num_frames, H, W, 3), RGB, in time order. Identical, pixel for pixel, to
         decoding every frame and then taking `frame_indices(N, num_frames)` of the N candidates.
@@ -61,7 +63,7 @@ def load_video(path, num_frames=16, start=None, end=None):
     if not path.exists():
         raise FileNotFoundError(f"video not found: {path}")
     if path.is_dir():
-        return _load_frame_folder(path, num_frames)
+        return _load_frame_folder(path, num_frames, start, end)
     try:
         with av.open(str(path)) as container:
             return _load_from_container(container, path, num_frames, start, end)
@@ -69,7 +71,10 @@ def load_video(path, num_frames=16, start=None, end=None):
         raise ValueError(f"cannot decode video {path}: {type(e).__name__}: {e}") from e
 
 
-def _load_frame_folder(folder, num_frames):
+FOLDER_FPS = 3  # frame folders have no timestamps; MVBench's are sampled at 3 fps
+
+
+def _load_frame_folder(folder, num_frames, start=None, end=None):
     # Frames are ordered by the number in their name (frame_2 before frame_10), not by string.
     files = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS]
     if not files:
@@ -80,6 +85,12 @@ def _load_frame_folder(folder, num_frames):
             raise ValueError(f"frame file {f} has no number in its name")
         return int(digits[-1])
     files.sort(key=number)
+    if start is not None or end is not None:  # frame i is at i / FOLDER_FPS seconds
+        lo = 0 if start is None else max(0, math.ceil(start * FOLDER_FPS))
+        hi = len(files) - 1 if end is None else min(len(files) - 1, math.floor(end * FOLDER_FPS))
+        if lo > hi:
+            raise ValueError(f"frame folder {folder} has no frame between {start} s and {end} s")
+        files = files[lo:hi + 1]
     picked = [files[i] for i in frame_indices(len(files), num_frames)]
     return np.stack([_decode_image(f) for f in picked])
 
@@ -366,6 +377,16 @@ class Obj:
     colors: list   # colour name per segment; more than one for color_order
     path: tuple    # (x0, y0, x1, y1): centre at the first and the last frame
     on: tuple      # (first, last) frame in which it is visible
+
+
+def shapes_qtype(question):
+    """The question type of a shapes question, from its text (for per-task tables)."""
+    for prefix, qtype in (("Which way", "direction"), ("Which shape appears", "appear_first"),
+                          ("Which shape disappears", "leave_first"), ("The ", "color_order"),
+                          ("How many", "count")):
+        if question.startswith(prefix):
+            return qtype
+    return "other"
 
 
 def make_scene(rng, qtype, letter_index):

@@ -1,0 +1,326 @@
+"""
+Evaluate a TinyLLaVA-Video checkpoint on the paper's benchmarks (Table 1) in Option or Reason mode.
+
+    python evaluate.py --model CKPT --bench mvbench  --data-root DATA/MVBench  --mode reason --out results/r1_mvbench.json
+    python evaluate.py --model CKPT --bench jsonl    --data-root data/shapes/test.jsonl --mode option ...
+    torchrun --nproc_per_node 8 evaluate.py ...              # items sharded over ranks, gathered on rank 0
+    python evaluate.py table results/*.json                  # results -> a table in the layout of Table 1
+
+Benchmarks (formats in SPEC.md s6; local folders only):
+    mvbench   DATA/json/<task>.json + DATA/video/...     mean of the 20 per-task accuracies
+    videomme  DATA/*.json[l] (or *.parquet with pyarrow) + DATA/data/<videoID>.mp4     overall + per duration
+    mlvu      DATA/json/<k>_<task>.json + DATA/video/<k>_<task>/...   M-Avg: mean of the 7 task accuracies
+    mmvu      DATA/validation.json + DATA/videos/...         multiple-choice items only
+    jsonl     a NextQA-format jsonl (the shapes test set)    overall (+ per question type for shapes)
+
+Answer modes: "option" asks for the letter directly; "reason" asks for <think>/<answer> tags and reads
+the letter with rewards.parse_answer, the very parser of the training reward. Departures from the
+reference eval: greedy decoding by default (the reference samples at temperature 1: --temperature 1
+--seed S); an unparseable answer is wrong and its rate reported (the reference guesses a random
+letter: --guess-unparsed); a missing or undecodable video is reported, counted and left out of the
+accuracy instead of stopping the run.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import rewards
+
+
+@dataclass
+class Item:
+    id: str             # unique within the benchmark
+    task: str           # per-task accuracy (MVBench task, Video-MME duration, shapes question type...)
+    video: str          # path of the clip or frame folder
+    problem: str        # question + "\nOptions:\nA. ..." lines
+    answer: str         # label letter
+    start: float | None = None  # seconds (MVBench)
+    end: float | None = None
+
+
+# -----------------------------------------------------------------------------
+# Loaders (SPEC.md s6)
+
+def _json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+
+
+def _letter_of(answer_text, candidates, where):
+    """The letter of an answer given as option TEXT. Raises ValueError naming the item if absent."""
+    if answer_text not in candidates:
+        raise ValueError(f"{where}: answer {answer_text!r} is not among its options {candidates}")
+    return data.LETTERS[candidates.index(answer_text)]
+
+
+# MVBench's video folders, per task (from its official loader); a video found directly under
+# DATA/video/ wins, so a flat copy of the data set works too.
+MVBENCH_PREFIX = {
+    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+    "action_antonym": "ssv2_video", "fine_grained_action": "Moments_in_Time_Raw/videos",
+    "unexpected_action": "FunQA_test/test", "object_existence": "clevrer/video_validation",
+    "object_interaction": "star/Charades_v1_480", "object_shuffle": "perception/videos",
+    "moving_direction": "clevrer/video_validation", "action_localization": "sta/sta_video",
+    "scene_transition": "scene_qa/video", "action_count": "perception/videos",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "state_change": "perception/videos", "fine_grained_pose": "nturgbd",
+    "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "episodic_reasoning": "tvqa/frames_fps3_hq", "counterfactual_inference": "clevrer/video_validation",
+}
+
+
+def load_mvbench(root):
+    root, items = Path(root), []
+    for f in sorted((root / "json").glob("*.json")):
+        task = f.stem
+        for i, rec in enumerate(_json(f)):
+            where = f"{f}: item {i}"
+            flat, nested = root / "video" / rec["video"], root / "video" / MVBENCH_PREFIX.get(task, "") / rec["video"]
+            items.append(Item(f"{task}/{i}", task, str(flat if flat.exists() else nested),
+                              data.format_options(rec["question"], rec["candidates"]),
+                              _letter_of(rec["answer"], rec["candidates"], where), rec.get("start"), rec.get("end")))
+    return items
+
+
+def load_videomme(root):
+    root, rows = Path(root), []
+    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.jsonl")) + sorted(root.glob("*.parquet")):
+        if f.suffix == ".json":
+            rows += _json(f)
+        elif f.suffix == ".jsonl":
+            rows += [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        else:
+            import pyarrow.parquet as pq  # optional: only for the parquet release
+            rows += pq.read_table(f).to_pylist()
+    items = []
+    for r in rows:
+        letters = "".join(o.strip()[0] for o in r["options"])
+        if r["answer"] not in letters:
+            raise ValueError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
+        problem = r["question"] + "\nOptions:\n" + "\n".join(o.strip() for o in r["options"])
+        items.append(Item(r["question_id"], r["duration"], str(root / "data" / f"{r['videoID']}.mp4"), problem, r["answer"]))
+    return items
+
+
+def load_mlvu(root):
+    root, items = Path(root), []
+    for f in sorted((root / "json").glob("*.json")):
+        for i, rec in enumerate(_json(f)):
+            items.append(Item(f"{f.stem}/{i}", f.stem, str(root / "video" / f.stem / rec["video"]),
+                              data.format_options(rec["question"], rec["candidates"]),
+                              _letter_of(rec["answer"], rec["candidates"], f"{f}: item {i}")))
+    return items
+
+
+def load_mmvu(root):
+    root, items = Path(root), []
+    for rec in _json(root / "validation.json"):
+        if rec["question_type"] != "multiple-choice":
+            continue  # only the multiple-choice items count (SPEC.md s6)
+        letters = sorted(rec["choices"])
+        if rec["answer"] not in letters:
+            raise ValueError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {letters}")
+        video = rec["video"].split("videos/", 1)[-1]  # the release names URLs ending in videos/<subject>/<n>.mp4
+        problem = rec["question"] + "\nOptions:\n" + "\n".join(f"{k}. {rec['choices'][k]}" for k in letters)
+        items.append(Item(str(rec["id"]), "mc", str(root / "videos" / video), problem, rec["answer"]))
+    return items
+
+
+def load_jsonl(path):
+    items = []
+    for i, s in enumerate(data.read_nextqa_jsonl(path)):
+        if s.answer not in data.option_letters(s.question):
+            raise ValueError(f"{path}: line {i + 1}: answer {s.answer} not among the options")
+        items.append(Item(str(i), data.shapes_qtype(s.question), str(s.video), s.question, s.answer))
+    return items
+
+
+LOADERS = {"mvbench": load_mvbench, "videomme": load_videomme, "mlvu": load_mlvu, "mmvu": load_mmvu, "jsonl": load_jsonl}
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+def prompt_for(item, mode, reason_sep="\n"):
+    """The full prompt text of an item in an answer mode (SPEC.md s1, s4, s6)."""
+    sep = reason_sep if mode == "reason" else "\n"
+    return data.chat_prompt(data.build_question(item.problem, mode, sep))
+
+
+def judge(item, completion, mode, guess_unparsed=False, rng=None):
+    """Score one completion. Returns (prediction letter or None, correct bool, parsed bool)."""
+    letters = data.option_letters(item.problem)
+    pred = rewards.parse_answer(completion, letters, tagged=(mode == "reason"))
+    parsed = pred is not None
+    if pred is None and guess_unparsed:
+        pred = rng.choice(letters)  # the reference's behaviour, on request
+    return pred, pred == item.answer, parsed
+
+
+def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep="\n", guess_unparsed=False,
+             seed=0, rank=0, world=1, log=print):
+    """Run `policy` on this rank's share of the items, appending one JSON line per item to
+    `<out_path>.rank<r>.jsonl` (items already there are skipped, so a run resumes).
+
+    policy(pixels float (T, 3, S, S), prompt str) -> completion str.
+    Returns the number of items this rank evaluated now.
+    """
+    part = Path(f"{out_path}.rank{rank}.jsonl")
+    done = {json.loads(l)["id"] for l in part.read_text().splitlines()} if part.exists() else set()
+    mine = [it for k, it in enumerate(items) if k % world == rank and it.id not in done]
+    rng = random.Random(seed * 1000 + rank)
+    t0 = time.time()
+    with open(part, "a") as f:
+        for n, it in enumerate(mine, 1):
+            row = {"id": it.id, "task": it.task, "answer": it.answer}
+            try:
+                frames = data.load_video(it.video, num_frames, it.start, it.end)
+            except (FileNotFoundError, ValueError) as e:
+                row.update(error=str(e), prediction=None, correct=False, parsed=False, completion=None)
+                log(f"[rank {rank}] video error, item {it.id}: {e}")
+            else:
+                completion = policy(data.preprocess(frames, size), prompt_for(it, mode, reason_sep))
+                pred, correct, parsed = judge(it, completion, mode, guess_unparsed, rng)
+                row.update(prediction=pred, correct=correct, parsed=parsed, completion=completion)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            if n % 20 == 0 or n == len(mine):
+                rate = n / (time.time() - t0)
+                log(f"[rank {rank}] {n}/{len(mine)} items | {rate:.2f} items/s | eta {(len(mine) - n) / rate / 60:.1f} min")
+    return len(mine)
+
+
+def summarize(bench, rows):
+    """Accuracies (in %) from result rows: per task, the benchmark's score, counts of unparsed and
+    video errors. Items whose video failed are left out of the accuracies (and counted)."""
+    scored = [r for r in rows if "error" not in r]
+    by_task = defaultdict(list)
+    for r in scored:
+        by_task[r["task"]].append(r["correct"])
+    tasks = {t: 100.0 * sum(v) / len(v) for t, v in sorted(by_task.items())}
+    overall = 100.0 * sum(r["correct"] for r in scored) / max(1, len(scored))
+    score = sum(tasks.values()) / max(1, len(tasks)) if bench in ("mvbench", "mlvu") else overall
+    return {"bench": bench, "score": score, "overall": overall, "tasks": tasks, "n": len(scored),
+            "unparsed": sum(not r["parsed"] for r in scored), "video_errors": len(rows) - len(scored)}
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+BENCH_COLUMNS = [("mvbench", "MVBench"), ("videomme", "Video-MME (wo sub)"), ("mlvu", "MLVU"), ("mmvu", "MMVU (mc)"),
+                 ("jsonl", "shapes / NextQA-format")]
+
+
+def table(results):
+    """A markdown table in the layout of the paper's Table 1: one row per (model, answer mode), one
+    column per benchmark (score in %). `results`: list of result dicts as written by main()."""
+    rows = defaultdict(dict)
+    for r in results:
+        rows[(r["name"], r["mode"])][r["summary"]["bench"]] = r["summary"]
+    cols = [(b, title) for b, title in BENCH_COLUMNS if any(b in v for v in rows.values())]
+    lines = ["| Model | Answer Type | " + " | ".join(t for _, t in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for (name, mode), s in rows.items():
+        cells = [f"{s[b]['score']:.1f}" if b in s else "-" for b, _ in cols]
+        lines.append(f"| {name} | {mode.capitalize()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(summary):
+    """Per-task accuracies of one run, with its counts."""
+    lines = ["| task | accuracy (%) |", "|---|---|"] + [f"| {t} | {a:.1f} |" for t, a in summary["tasks"].items()]
+    lines.append(f"| **{'M-Avg' if summary['bench'] == 'mlvu' else 'score'}** | **{summary['score']:.1f}** |")
+    return "\n".join(lines) + (f"\n\n{summary['n']} items scored, {summary['unparsed']} unparsed, "
+                               f"{summary['video_errors']} video errors")
+
+
+# -----------------------------------------------------------------------------
+# The model as a policy
+
+def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """A policy for evaluate(): encode the frames once, one completion (greedy by default)."""
+    device = next(model.parameters()).device
+    max_new = max_new_tokens or (16 if mode == "option" else 512)
+    counter = [0]
+
+    @torch.no_grad()
+    def policy(pixels, prompt):
+        counter[0] += 1
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            video = model.encode_video(pixels.to(device))
+            ids = torch.tensor(M.tokenize_prompt(tok, prompt), device=device)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + counter[0])
+            out, mask = M.sample(model, ids, video, G=1, max_new_tokens=max_new, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generator=gen)
+        return tok.decode(out[0][mask[0].bool()], skip_special_tokens=True)
+    return policy
+
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "table":
+        print(table([json.loads(Path(f).read_text()) for f in argv[1:]]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    p.add_argument("--bench", choices=sorted(LOADERS), required=True)
+    p.add_argument("--data-root", required=True, help="the benchmark's local folder (jsonl: the file)")
+    p.add_argument("--mode", choices=["option", "reason"], default="reason")
+    p.add_argument("--out", required=True, help="results JSON (and <out>.rank<r>.jsonl while running)")
+    p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 option, 512 reason")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reason-sep", choices=["newline", "space"], default="newline",
+                   help="how the reason suffix joins the question: newline (reference eval) or space (RL training)")
+    p.add_argument("--guess-unparsed", action="store_true", help="the reference's random guess for unparsed answers")
+    p.add_argument("--limit", type=int, default=0, help="only the first N items (a quick look)")
+    args = p.parse_args(argv)
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    items = LOADERS[args.bench](args.data_root)
+    items = items[:args.limit] if args.limit else items
+    model, tok = M.from_pretrained(args.model, device=device)
+    model.eval()
+    policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    log = print if rank == 0 else (lambda *a: None)
+    log(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
+    evaluate(items, policy, args.mode, args.out, args.num_frames, model.cfg.image_size,
+             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, log)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        rows = [json.loads(l) for r in range(world) for l in Path(f"{args.out}.rank{r}.jsonl").read_text().splitlines()]
+        summary = summarize(args.bench, rows)
+        name = args.name or Path(str(args.model)).name
+        result = {"name": name, "mode": args.mode, "model": str(args.model), "args": vars(args),
+                  "summary": summary, "items": rows}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(task_table(summary))
+        print(table([result]))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

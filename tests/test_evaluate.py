@@ -1,0 +1,166 @@
+"""evaluate.py: hand-made records in each format, a stub policy with known answers, hand-counted accuracies."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate as E
+import model as M
+
+
+def clip(path, n=6):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.write_mp4(np.random.default_rng(0).integers(0, 255, (n, 16, 16, 3), dtype=np.uint8), path)
+    return path
+
+
+def stub(answers):
+    """A policy that answers by the question's key, e.g. 'K3' in the prompt -> answers['K3']."""
+    def policy(pixels, prompt):
+        assert pixels.ndim == 4 and pixels.shape[1] == 3
+        return answers[re.search(r"K\d+", prompt).group(0)]
+    return policy
+
+
+def reason(letter):
+    return f"<think>I looked.</think> <answer>{letter}</answer>"
+
+
+def run(items, answers, tmp_path, mode="reason", bench="x", **kw):
+    out = tmp_path / f"{bench}.json"
+    E.evaluate(items, stub(answers), mode, out, num_frames=4, size=8, log=lambda *a: None, **kw)
+    rows = [json.loads(l) for l in (tmp_path / f"{bench}.json.rank0.jsonl").read_text().splitlines()]
+    return E.summarize(bench, rows), rows
+
+
+def test_mvbench(tmp_path):
+    root = tmp_path / "mvb"
+    (root / "json").mkdir(parents=True)
+    clip(root / "video/star/Charades_v1_480/a.mp4", n=40)   # found through the task's prefix folder
+    clip(root / "video/b.mp4")                              # found flat
+    frames = root / "video/tvqa/frames_fps3_hq/ep1"
+    frames.mkdir(parents=True)
+    import av
+    for i in range(9):  # a frame folder of jpgs (3 fps: frame i at i / 3 s)
+        with av.open(str(frames / f"{i:05d}.jpg"), "w", format="image2") as out:
+            s = out.add_stream("mjpeg")
+            s.width, s.height, s.pix_fmt = 16, 16, "yuvj444p"
+            out.mux(s.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * 20, np.uint8), format="rgb24")))
+            out.mux(s.encode())
+    (root / "json/action_sequence.json").write_text(json.dumps([
+        {"video": "a.mp4", "question": "K1 what?", "candidates": ["x", "y", "z"], "answer": "y", "start": 0.1, "end": 0.9},
+        {"video": "a.mp4", "question": "K2 what?", "candidates": ["x", "y"], "answer": "x"},
+        {"video": "b.mp4", "question": "K3 what?", "candidates": ["x", "y", "z", "w"], "answer": "w"}]))
+    (root / "json/episodic_reasoning.json").write_text(json.dumps([
+        {"video": "ep1", "question": "K4 what?", "candidates": ["p", "q"], "answer": "q", "start": 0.5, "end": 2.0}]))
+    items = E.load_mvbench(root)
+    assert [i.answer for i in items] == ["B", "A", "D", "B"]
+    assert items[0].problem == "K1 what?\nOptions:\nA. x\nB. y\nC. z" and items[0].start == 0.1
+    s, rows = run(items, {"K1": reason("B"), "K2": reason("B"), "K3": reason("D"), "K4": reason("B")}, tmp_path, bench="mvbench")
+    # action_sequence: 2 of 3; episodic_reasoning: 1 of 1; MVBench = mean of the task accuracies
+    assert s["tasks"] == pytest.approx({"action_sequence": 200 / 3, "episodic_reasoning": 100.0})
+    assert s["score"] == pytest.approx((200 / 3 + 100) / 2) and s["overall"] == pytest.approx(75.0)
+    (root / "json/bad.json").write_text(json.dumps([{"video": "b.mp4", "question": "K9", "candidates": ["x"], "answer": "nope"}]))
+    with pytest.raises(ValueError, match=r"bad.json: item 0: answer 'nope'"):
+        E.load_mvbench(root)
+
+
+def test_videomme_per_duration_and_missing_video(tmp_path):
+    root = tmp_path / "vmme"
+    clip(root / "data/v1.mp4")
+    clip(root / "data/v2.mp4")
+    rec = lambda q, vid, dur, ans: {"video_id": "001", "duration": dur, "domain": "d", "sub_category": "s",
+                                    "videoID": vid, "question_id": q, "task_type": "t", "question": f"{q} what?",
+                                    "options": ["A. a", "B. b", "C. c", "D. d"], "answer": ans}
+    (root / "test.json").write_text(json.dumps([rec("K1", "v1", "short", "A"), rec("K2", "v1", "short", "C"),
+                                                rec("K3", "v2", "long", "D"), rec("K4", "gone", "long", "A")]))
+    items = E.load_videomme(root)
+    s, rows = run(items, {"K1": "A", "K2": "B", "K3": "D.", "K4": "A"}, tmp_path, mode="option", bench="videomme")
+    assert s["video_errors"] == 1 and s["n"] == 3                        # K4's video is missing: counted, left out
+    assert s["tasks"] == pytest.approx({"short": 50.0, "long": 100.0})
+    assert s["score"] == pytest.approx(200 / 3)                          # overall over scored items
+    assert [r.get("error") is not None for r in rows] == [False, False, False, True]
+
+
+def test_mlvu_macro_average(tmp_path):
+    root = tmp_path / "mlvu"
+    clip(root / "video/1_plotQA/a.mp4")
+    clip(root / "video/4_count/b.mp4")
+    (root / "json").mkdir()
+    (root / "json/1_plotQA.json").write_text(json.dumps([
+        {"video": "a.mp4", "duration": 10, "question": f"K{i} q", "candidates": ["u", "v"], "answer": "v",
+         "question_type": "plotQA"} for i in range(1, 5)]))
+    (root / "json/4_count.json").write_text(json.dumps([
+        {"video": "b.mp4", "duration": 10, "question": "K5 q", "candidates": ["1", "2"], "answer": "1", "question_type": "count"}]))
+    items = E.load_mlvu(root)
+    s, _ = run(items, {"K1": reason("B"), "K2": reason("B"), "K3": reason("A"), "K4": "no tags B",
+                       "K5": reason("A")}, tmp_path, bench="mlvu")
+    assert s["tasks"] == pytest.approx({"1_plotQA": 50.0, "4_count": 100.0})
+    assert s["score"] == pytest.approx(75.0) and s["overall"] == pytest.approx(60.0)   # M-Avg vs item mean
+    assert s["unparsed"] == 1
+
+
+def test_mmvu_multiple_choice_only(tmp_path):
+    root = tmp_path / "mmvu"
+    clip(root / "videos/Art/0.mp4")
+    (root / "validation.json").write_text(json.dumps([
+        {"id": 1, "video": "https://host/datasets/yale-nlp/MMVU/resolve/main/videos/Art/0.mp4",
+         "question_type": "multiple-choice", "question": "K1 q", "choices": {"A": "a", "B": "b", "C": "c", "D": "d", "E": "e"},
+         "answer": "E"},
+        {"id": 2, "video": "videos/Art/0.mp4", "question_type": "open-ended", "question": "K2 q", "choices": {}, "answer": "x"},
+        {"id": 3, "video": "videos/Art/0.mp4", "question_type": "multiple-choice", "question": "K3 q",
+         "choices": {"A": "a", "B": "b"}, "answer": "A"}]))
+    items = E.load_mmvu(root)
+    assert [i.id for i in items] == ["1", "3"] and items[0].video.endswith("videos/Art/0.mp4")
+    s, _ = run(items, {"K1": reason("E"), "K3": reason("(A)")}, tmp_path, bench="mmvu")
+    assert s["score"] == 50.0 and s["unparsed"] == 1                    # "(A)" does not parse
+
+
+def test_unparsed_guess_option_resume_and_sharding(tmp_path):
+    clip(tmp_path / "v.mp4")
+    lines = [json.dumps({"problem": f"K{i} which?\nOptions:\nA. a\nB. b", "solution": "<answer>A</answer>",
+                         "video_filename": "v.mp4"}) for i in range(1, 7)]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines))
+    items = E.load_jsonl(tmp_path / "t.jsonl")
+    answers = {f"K{i}": reason("A") if i <= 3 else "garbage" for i in range(1, 7)}
+    s, _ = run(items, answers, tmp_path, bench="a")
+    assert s["score"] == 50.0 and s["unparsed"] == 3
+    s, rows = run(items, answers, tmp_path, bench="g", guess_unparsed=True, seed=0)
+    guessed = [r for r in rows if not r["parsed"]]
+    assert all(r["prediction"] in "AB" for r in guessed)
+    assert s["score"] == pytest.approx(100 * (3 + sum(r["correct"] for r in guessed)) / 6)
+    # resume: a second call finds every item done
+    assert E.evaluate(items, stub(answers), "reason", tmp_path / "a.json", 4, 8, log=lambda *a: None) == 0
+    # two ranks: disjoint shares that together cover every item once
+    for r in (0, 1):
+        E.evaluate(items, stub(answers), "reason", tmp_path / "sh.json", 4, 8, rank=r, world=2, log=lambda *a: None)
+    ids = [json.loads(l)["id"] for r in (0, 1) for l in (tmp_path / f"sh.json.rank{r}.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(i.id for i in items)
+
+
+def test_prompts_and_table():
+    it = E.Item("1", "t", "v.mp4", "Q?\nOptions:\nA. a", "A")
+    assert E.prompt_for(it, "reason").endswith("A. a\n" + data.REASON_SUFFIX + " ASSISTANT:")
+    assert E.prompt_for(it, "reason", " ").endswith("A. a " + data.REASON_SUFFIX + " ASSISTANT:")
+    assert E.prompt_for(it, "option").endswith("A. a\n" + data.OPTION_SUFFIX + " ASSISTANT:")
+    res = [{"name": "SFT", "mode": "option", "summary": {"bench": "mvbench", "score": 49.0}},
+           {"name": "SFT", "mode": "option", "summary": {"bench": "mlvu", "score": 49.2}},
+           {"name": "R1", "mode": "reason", "summary": {"bench": "mvbench", "score": 49.5}}]
+    assert E.table(res).splitlines() == ["| Model | Answer Type | MVBench | MLVU |", "|---|---|---|---|",
+                                         "| SFT | Option | 49.0 | 49.2 |", "| R1 | Reason | 49.5 | - |"]
+
+
+def test_cli_with_a_tiny_checkpoint(tmp_path):
+    d = tmp_path / "shapes"
+    data.generate_shapes(d, n_train=10, n_test=3, seed=0, workers=1)
+    tok = M.build_tokenizer(["the red circle", "Options: A. B."] * 10, tmp_path / "tok", vocab_size=280)
+    M.save_pretrained(M.TinyLlavaVideo(M.tiny_config(len(tok))), tmp_path / "ckpt", tok)
+    out = tmp_path / "r.json"
+    E.main(["--model", str(tmp_path / "ckpt"), "--bench", "jsonl", "--data-root", str(d / "test.jsonl"),
+            "--mode", "reason", "--out", str(out), "--max-new-tokens", "4", "--name", "tiny"])
+    res = json.loads(out.read_text())
+    assert len(res["items"]) == 3 and res["summary"]["n"] == 3 and res["name"] == "tiny"
+    assert res["summary"]["score"] == 100 * sum(r["correct"] for r in res["items"]) / 3
