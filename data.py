@@ -399,13 +399,13 @@ def make_scene(rng, qtype, letter_index):
     shapes = [str(s) for s in rng.permutation(SHAPES * 2)]
     colors = [str(c) for c in rng.permutation(list(COLORS))]
     def spot():
-        return tuple(int(v) for v in rng.integers(12, SIZE - 12, size=2))
+        return tuple(int(v) for v in rng.integers(14, SIZE - 14, size=2))
     def name(o):
         return f"the {o.colors[0]} {o.shape}"
     if qtype == "direction":
         move = str(rng.choice(DIRECTIONS))
         x, y = spot()
-        lo, hi = 12, SIZE - 12
+        lo, hi = 10, SIZE - 10
         end = {"left": (lo, y), "right": (hi, y), "up": (x, lo), "down": (x, hi)}.get(move, (x, y))
         start = {"left": (hi, y), "right": (lo, y), "up": (x, hi), "down": (x, lo)}.get(move, (x, y))
         target = Obj(shapes[0], [colors[0]], start + end, (0, T - 1))
@@ -415,7 +415,7 @@ def make_scene(rng, qtype, letter_index):
         right, pool = move, [d for d in DIRECTIONS if d != move]
     elif qtype in ("appear_first", "leave_first"):
         t1, t2 = sorted(int(t) for t in rng.choice(np.arange(1, T - 1), size=2, replace=False))
-        a, b = spot(), spot()
+        a, b = _spread(rng, 2)  # apart, so neither hides the other
         if qtype == "appear_first":
             first, second = Obj(shapes[0], [colors[0]], a * 2, (t1, T - 1)), Obj(shapes[1], [colors[1]], b * 2, (t2, T - 1))
             question = "Which shape appears first?"
@@ -450,7 +450,7 @@ def make_scene(rng, qtype, letter_index):
 def _spread(rng, n):
     # n non-overlapping centres on a 3x3 grid of cells, jittered, so counts are unambiguous.
     cells = rng.choice(9, size=n, replace=False)
-    return [(int(10 + 22 * (c % 3) + rng.integers(-2, 3)), int(10 + 22 * (c // 3) + rng.integers(-2, 3)))
+    return [(int(10 + 22 * (c % 3) + rng.integers(-1, 2)), int(10 + 22 * (c // 3) + rng.integers(-1, 2)))
             for c in cells]
 
 
@@ -460,7 +460,7 @@ def render(scene):
     T = scene["T"]
     frames = np.full((T, SIZE, SIZE, 3), BACKGROUND, np.uint8)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    for o in scene["objects"]:
+    for o in scene["objects"][::-1]:  # the first object (the one a question names) on top
         x0, y0, x1, y1 = o.path
         for t in range(o.on[0], o.on[1] + 1):
             a = t / (T - 1)
@@ -470,7 +470,7 @@ def render(scene):
     return frames
 
 
-def _mask(shape, dx, dy, r=6):
+def _mask(shape, dx, dy, r=9):
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
     if shape == "square":
@@ -479,28 +479,31 @@ def _mask(shape, dx, dy, r=6):
 
 
 def describe(scene):
-    """A short templated description of what happens (the supervised 'caption' data and the
-    reasoning of the cold-start samples use the same phrases). Returns a str."""
-    parts = []
-    T = scene["T"]
-    for o in scene["objects"]:
-        name = f"the {o.colors[0]} {o.shape}"
-        x0, y0, x1, y1 = o.path
-        if len(o.colors) > 1:
-            parts.append(f"the {o.shape} is {', then '.join(o.colors)}")
-        elif o.on[0] > 0:
-            parts.append(f"{name} appears at frame {o.on[0] + 1}")
-        elif o.on[1] < T - 1:
-            parts.append(f"{name} disappears after frame {o.on[1] + 1}")
-        elif (x0, y0) != (x1, y1):
-            move = "right" if x1 > x0 else "left" if x1 < x0 else "down" if y1 > y0 else "up"
-            parts.append(f"{name} moves {move}")
-        else:
-            parts.append(f"{name} stays still")
-    text = "; ".join(parts)
-    if scene["qtype"] == "count":
-        n = len(scene["objects"])
-        text = f"there {'is' if n == 1 else 'are'} {COUNTS[n - 1]} shape{'s' * (n > 1)}: " + text
+    """A short templated description of what happens, in the words the questions need (the
+    supervised 'caption' data; the cold-start reasoning starts with it). Returns a str, e.g.
+    "The red circle moves right; the blue square stays still." """
+    objs, q = scene["objects"], scene["qtype"]
+    name = lambda o: f"the {o.colors[0]} {o.shape}"
+    if q == "appear_first":
+        a, b = sorted(objs, key=lambda o: o.on[0])
+        text = f"{name(a)} appears first, then {name(b)} appears"
+    elif q == "leave_first":
+        a, b = sorted(objs, key=lambda o: o.on[1])
+        text = f"{name(a)} disappears first, then {name(b)} disappears"
+    elif q == "color_order":
+        text = f"the {objs[0].shape} is {', then '.join(objs[0].colors)}"
+    elif q == "count":
+        n = len(objs)
+        names = [name(o) for o in objs]
+        listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        text = f"there {'is' if n == 1 else 'are'} {COUNTS[n - 1]} shape{'s' * (n > 1)}: {listed}"
+    else:
+        parts = []
+        for o in objs:
+            x0, y0, x1, y1 = o.path
+            move = "right" if x1 > x0 else "left" if x1 < x0 else "down" if y1 > y0 else "up" if y1 < y0 else None
+            parts.append(f"{name(o)} moves {move}" if move else f"{name(o)} stays still")
+        text = "; ".join(parts)
     return text[0].upper() + text[1:] + "."
 
 

@@ -55,6 +55,7 @@ class Config:
     num_resampler_layers: int = 3    # attention + feed-forward blocks of the resampler
     resampler_heads: int = 8         # not in the released config.json: the reference fixes 8 x 64
     resampler_dim_head: int = 64
+    latents_init_std: float = 1.0    # the reference's randn; the tiny preset starts smaller (see tiny_config)
     vision_feature_layer: int = -2   # which hidden state of the vision tower feeds the connector
     image_token_index: int = IMAGE_TOKEN_INDEX
     pad_token: str = "<|endoftext|>"  # = eos for Qwen2.5 base
@@ -74,15 +75,17 @@ class Config:
 
 def tiny_config(vocab_size):
     """The CPU preset for the shapes task: same architecture, ~3M parameters.
-    48-px frames in 8-px patches (35 tokens per frame after dropping token 0), 16 groups x 4 latents."""
+    32-px frames in 8-px patches (15 tokens per frame after dropping token 0), 16 groups x 4 latents.
+    Its latents start at std 0.02, not 1: trained from scratch, latents of norm ~11 would drown the
+    small video-dependent part of the resampler's output, and the model learns to ignore the video."""
     text = dict(QWEN25_3B, vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, max_window_layers=4,
                 rope_theta=10000.0)
     vision = dict(SIGLIP_SO400M, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=2, patch_size=8, image_size=48)
+                  num_attention_heads=2, patch_size=8, image_size=32)
     return Config(text_config=text, vision_config=vision, group=16, num_queries=64,
-                  num_resampler_layers=2, resampler_heads=4, resampler_dim_head=32)
+                  num_resampler_layers=2, resampler_heads=4, resampler_dim_head=32, latents_init_std=0.02)
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +151,7 @@ class GroupResampler(nn.Module):
         super().__init__()
         D, self.group = cfg.hidden_size, cfg.group
         assert cfg.num_queries % cfg.group == 0, "num_queries must be a multiple of group"
-        self.latents = nn.Parameter(torch.randn(cfg.num_queries // cfg.group, D))
+        self.latents = nn.Parameter(torch.randn(cfg.num_queries // cfg.group, D) * cfg.latents_init_std)
         self.linear = nn.Linear(cfg.vision_hidden_size, D)
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(D, cfg.resampler_heads, cfg.resampler_dim_head), feed_forward(D)])
@@ -184,23 +187,31 @@ class Connector(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """SigLIP, frozen; features = hidden_states[-2] with token 0 dropped (the "patch" strategy)."""
+    """SigLIP, frozen; features = hidden_states[-2] with token 0 dropped (the "patch" strategy).
+
+    Frozen in every stage of the paper (its SigLIP comes pretrained). Only a tiny model built from
+    scratch trains its tower, in its base stage (`unfreeze`), since a random frozen one sees little."""
 
     def __init__(self, cfg):
         super().__init__()
         self._vision_tower = nn.Module()  # names: vision_tower._vision_tower.vision_model.*
         self._vision_tower.vision_model = SiglipVisionModel(SiglipVisionConfig(**cfg.vision_config))
         self.feature_layer = cfg.vision_feature_layer
+        self.trainable = False
         self.requires_grad_(False)
 
-    def train(self, mode=True):
-        return super().train(False)  # frozen in every stage: always eval mode
+    def unfreeze(self):
+        self.trainable = True
+        self.requires_grad_(True)
 
-    @torch.no_grad()
+    def train(self, mode=True):
+        return super().train(mode and self.trainable)  # frozen: always eval mode
+
     def forward(self, pixels):
         # pixels: (T, 3, S, S) in [-1, 1] -> (T, P - 1, Dv)
-        out = self._vision_tower.vision_model(pixel_values=pixels, output_hidden_states=True)
-        return out.hidden_states[self.feature_layer][:, 1:]
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            out = self._vision_tower.vision_model(pixel_values=pixels, output_hidden_states=True)
+            return out.hidden_states[self.feature_layer][:, 1:]
 
 
 # -----------------------------------------------------------------------------

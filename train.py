@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -91,6 +92,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--train-vision", action="store_true",
+                   help="also train the vision tower (only for a tiny model built from scratch: the paper's is frozen)")
     p.add_argument("--fsdp", action="store_true", help="shard params, grads and optimizer state (FSDP2)")
     p.add_argument("--seed", type=int, default=0)
     # logs and checkpoints
@@ -371,24 +374,27 @@ def sft_tensors(tok, sample, device):
 
 
 def sft_backward(model, tok, samples, pixels, device, world):
-    """Cross-entropy on answer tokens, normalised by the GLOBAL number of answer tokens (times world,
-    since gradients are then averaged over ranks). Returns (summed loss, local tokens)."""
+    """Cross-entropy on answer tokens of a batch (one padded forward, each row with its own video),
+    normalised by the GLOBAL number of answer tokens (times world, since gradients are then averaged
+    over ranks). A sample whose video failed gets weight 0. Returns (mean loss, local answer tokens)."""
     rows = [sft_tensors(tok, s, device) for s in samples]
-    weights = [0.0 if p is None else 1.0 for p in pixels]
-    n_local = sum(int((lab != M.IGNORE_INDEX).sum()) * w for (_, lab), w in zip(rows, weights))
+    weights = torch.tensor([0.0 if p is None else 1.0 for p in pixels], device=device)
+    S = model.cfg.image_size
+    pixels = [torch.zeros(1, 3, S, S) if p is None else p for p in pixels]
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.stack([F.pad(i, (0, n - len(i))) for i, _ in rows])                         # (B, n)
+    labels = torch.stack([F.pad(l, (0, n - len(l)), value=M.IGNORE_INDEX) for _, l in rows])  # (B, n)
+    mask = torch.stack([(torch.arange(n, device=device) < len(i)).long() for i, _ in rows])
+    n_local = float(((labels != M.IGNORE_INDEX).sum(1) * weights).sum())
     n_global = all_sum([n_local], device)[0]
-    total = 0.0
-    for (ids, labels), px, w in zip(rows, pixels, weights):
-        if px is None:
-            px = torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size)  # zero-weight pass
-        with autocast(device):
-            video = model.encode_video(px.to(device))
-            logits, labels2 = model(ids[None], torch.ones_like(ids)[None], video[None], labels[None])
-        ce = F.cross_entropy(logits[0, :-1].float(), labels2[0, 1:], ignore_index=M.IGNORE_INDEX, reduction="sum")
-        loss = ce * w * world / max(n_global, 1)
-        loss.backward()
-        total += ce.item() * w
-    return total / max(n_global, 1), n_local
+    with autocast(device):
+        videos = torch.stack([model.encode_video(p.to(device)) for p in pixels])            # (B, Q, D)
+        logits, labels = model(ids, mask, videos, labels)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                         ignore_index=M.IGNORE_INDEX, reduction="none").view(len(rows), -1)   # (B, n' - 1)
+    ce = (ce.sum(1) * weights).sum()
+    (ce * world / max(n_global, 1)).backward()
+    return ce.item() / max(n_global, 1), n_local
 
 
 # -----------------------------------------------------------------------------
@@ -482,6 +488,8 @@ def main(argv=None):
         ref_model = ref_src.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval().requires_grad_(False)
     if args.grad_checkpointing:
         model.language_model.gradient_checkpointing_enable()
+    if args.train_vision:
+        model.vision_tower.unfreeze()
     model.train()
     if args.fsdp:
         shard_model(model)
@@ -592,6 +600,119 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
     return row
 
 
+# -----------------------------------------------------------------------------
+# The whole pipeline on the shapes task (CPU, minutes)
+
+def shapes_pipeline(argv):
+    """data -> base SFT from scratch -> cold start -> GRPO -> evaluate base (option), cold start and R1
+    (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
+    as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
+    GRPO and its evaluation. Returns the results dict."""
+    import evaluate
+    p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
+    p.add_argument("--out", default="runs/shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a few steps of each stage (the CI test)")
+    # the paper's ablations (s4.3), each a GRPO run of its own next to the default one
+    p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
+    p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
+                   help="Figure 5: format reward only / + length reward / + wrong-answer penalty (default)")
+    p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL")
+    p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="Figure 6: Dr. GRPO")
+    p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
+    p.add_argument("--grpo-steps", type=int, default=None)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    S = SMOKE if a.smoke else SHAPES
+    t_all, times = time.time(), {}
+
+    def stage(name, fn):
+        t0 = time.time()
+        fn()
+        times[name] = time.time() - t0
+        print(f"== {name}: {times[name] / 60:.1f} min", flush=True)
+
+    d = out / "data"
+    if not (d / "test.jsonl").exists():
+        stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed))
+    base, cold = out / "base", out / "coldstart"
+    if not (base / "final").exists():
+        stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
+                                        "--out", str(base), "--seed", str(a.seed)] + S["base"]))
+    if not (cold / "final").exists():
+        stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
+                                          str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)] + S["cold"]))
+    name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart), (a.reward, a.reward != "penalty"),
+                                                 ("nokl", a.beta == 0), ("drgrpo", a.loss_type == "dr_grpo"),
+                                                 ("tgrpo", a.tgrpo)) if on)
+    r1 = out / name
+    grpo_args = ["--stage", "grpo", "--init", str((base if a.no_coldstart else cold) / "final"), "--data",
+                 str(d / "train.jsonl"), "--out", str(r1), "--seed", str(a.seed), "--loss-type", a.loss_type] + S["grpo"]
+    grpo_args += ["--no-length-reward"] * (a.reward == "format") + ["--no-wrong-penalty"] * (a.reward != "penalty")
+    grpo_args += ["--tgrpo"] * a.tgrpo + (["--beta", str(a.beta)] if a.beta is not None else [])
+    grpo_args += ["--max-steps", str(a.grpo_steps)] if a.grpo_steps else []
+    if not (r1 / "final").exists():
+        shutil.rmtree(r1, ignore_errors=True)  # a half-finished run starts over
+        stage(f"GRPO ({name})", lambda: main(grpo_args))
+    write_curves(r1)
+
+    results = []
+    for label, ckpt, mode in (("TinyLLaVA-Video-SFT (base)", base, "option"),
+                              ("TinyLLaVA-Video-ColdStart", cold, "reason"),
+                              (f"TinyLLaVA-Video-R1 ({name})", r1, "reason")):
+        res = out / "eval" / f"{ckpt.name}-{mode}.json"
+        if not res.exists():
+            res.parent.mkdir(parents=True, exist_ok=True)
+            stage(f"eval {ckpt.name} ({mode})", lambda: evaluate.main(
+                ["--model", str(ckpt / "final"), "--bench", "jsonl", "--data-root", str(d / "test.jsonl"),
+                 "--mode", mode, "--out", str(res), "--name", label, "--reason-sep", "space",
+                 "--max-new-tokens", str(S["eval_tokens"][mode])]))
+        results.append(json.loads(res.read_text()))
+    print(f"\nshapes test set ({len(results[0]['items'])} clips), accuracy in %:")
+    print(evaluate.table(results))
+    per_task = {r["name"]: r["summary"]["tasks"] for r in results}
+    print("\nper question type:\n" + "\n".join(f"  {n}: " + ", ".join(f"{t} {v:.0f}" for t, v in ts.items())
+                                                 for n, ts in per_task.items()))
+    print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + ")")
+    return {"results": results, "times": times, "curves": r1 / "curves.csv"}
+
+
+# Sizes of the pipeline: the full run (about 25 minutes on 2 cores) and the CI smoke run (seconds).
+SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
+              base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
+                    "--train-vision"],
+              cold=["--lr", "1e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "2"],
+              grpo=["--lr", "1e-4", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "300",
+                    "--max-steps", "150", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8"])
+SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
+             base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
+             cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
+             grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
+                   "--max-steps", "2", "--quiet"])
+
+
+def write_curves(run):
+    """Figure 4's curves from a GRPO run's metrics.jsonl: curves.csv always, curves.png with matplotlib."""
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl"]
+    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    (run / "curves.csv").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, k in zip(axes, keys[1:4]):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], lw=0.8)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run / "curves.png", dpi=120)
+
+
 def format_row(row, total, eta):
     if "reward" in row:
         body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
@@ -605,4 +726,7 @@ def format_row(row, total, eta):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["shapes"]:
+        shapes_pipeline(sys.argv[2:])
+    else:
+        main()

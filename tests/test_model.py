@@ -140,7 +140,7 @@ def tiny(tmp_path_factory):
     tok = M.build_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
     m = M.TinyLlavaVideo(M.tiny_config(len(tok))).eval()
     prompt = torch.tensor(M.tokenize_prompt(tok, "USER: <image>\nthe red circle ASSISTANT:"))
-    pixels = torch.randn(16, 3, 48, 48)
+    pixels = torch.randn(16, 3, 32, 32)
     return m, tok, prompt, pixels
 
 

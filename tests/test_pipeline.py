@@ -1,0 +1,25 @@
+"""The whole shapes pipeline, a few steps of each stage (the CI's smoke version of `train.py shapes`)."""
+import json
+
+import train
+
+
+def test_shapes_pipeline_smoke(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    res = train.shapes_pipeline(["--out", str(out), "--smoke"])
+    names = [r["name"] for r in res["results"]]
+    assert names == ["TinyLLaVA-Video-SFT (base)", "TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1)"]
+    assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
+    for r in res["results"]:  # each accuracy is the hand count of its items
+        items = r["items"]
+        assert len(items) == 5 and r["summary"]["score"] == 100 * sum(i["correct"] for i in items) / 5
+    printed = capsys.readouterr().out
+    assert "| Model | Answer Type | shapes / NextQA-format |" in printed
+    curves = (out / "r1/curves.csv").read_text().splitlines()
+    assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl" and len(curves) == 3
+    # an ablation re-runs only GRPO and its evaluation, on the same base and cold start
+    stamp = (out / "base/final/model.safetensors").stat().st_mtime
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--beta", "0", "--loss-type", "dr_grpo"])
+    assert (out / "base/final/model.safetensors").stat().st_mtime == stamp
+    assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-nokl-drgrpo)" and "GRPO (r1-nokl-drgrpo)" in res["times"]
+    assert (out / "r1-nokl-drgrpo/final/train_state.pt").exists()
