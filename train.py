@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -243,7 +242,7 @@ def memory_report(model, args, world, device):
 # -----------------------------------------------------------------------------
 # Data
 
-class VideoCache:
+class VideoLoader:
     """Loads and preprocesses a sample's frames; counts failures and stops the run past a fraction."""
 
     def __init__(self, num_frames, size, max_bad_fraction):
@@ -505,7 +504,7 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    videos = VideoCache(args.num_frames, model.cfg.image_size, args.max_bad_fraction)
+    videos = VideoLoader(args.num_frames, model.cfg.image_size, args.max_bad_fraction)
 
     start = 0
     if args.resume:

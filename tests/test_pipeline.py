@@ -1,5 +1,4 @@
 """The whole shapes pipeline, a few steps of each stage (the CI's smoke version of `train.py shapes`)."""
-import json
 
 import train
 

@@ -121,7 +121,7 @@ def test_broken_video_is_skipped_and_counted(setup, tmp_path):
                        "--prompts-per-rank", "2", "--max-steps", "4"])
     m = metrics(tmp_path / "r")
     assert len(m) == 4 and m[-1]["skipped_total"] == 1 and sum(r["skipped"] for r in m) == 1
-    cache = train.VideoCache(16, 48, max_bad_fraction=0.05)
+    cache = train.VideoLoader(16, 48, max_bad_fraction=0.05)
     for _ in range(19):
         cache(bad / "broken.mp4")   # tolerated until 20 videos have been seen
     with pytest.raises(RuntimeError, match="broken.mp4"):
