@@ -129,12 +129,15 @@ def _bounded(all_pts, stream, start, end, path):
     if start is None and end is None:
         return all_pts
     t0, tb = all_pts[0], stream.time_base
-    lo = -np.inf if start is None else start
-    hi = np.inf if end is None else end
-    pts = [p for p in all_pts if lo <= float((p - t0) * tb) <= hi]
+    pts = [p for p in all_pts if _within(float((p - t0) * tb), start, end)]
     if not pts:
         raise ValueError(f"video {path} has no frame between {start} s and {end} s")
     return pts
+
+
+def _within(t, start, end):
+    # start <= t <= end in seconds; a missing bound is open
+    return (start is None or start <= t) and (end is None or t <= end)
 
 
 def _decode_by_seeking(container, stream, wanted, keyframes, path):
@@ -172,9 +175,7 @@ def _decode_in_order(container, stream, path, num_frames, start, end):
     if start is not None or end is not None:
         if any(t is None for t in times):
             raise ValueError(f"video {path} has frames without timestamps; cannot apply start/end")
-        lo = -np.inf if start is None else start
-        hi = np.inf if end is None else end
-        candidates = [i for i, t in enumerate(times) if lo <= t - times[0] <= hi]
+        candidates = [i for i, t in enumerate(times) if _within(t - times[0], start, end)]
     else:
         candidates = list(range(len(times)))
     if not candidates:

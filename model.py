@@ -498,6 +498,12 @@ def completion_mask(ids, eos_id):
     return (torch.arange(ids.shape[1], device=ids.device)[None] <= first[:, None]).long()
 
 
+def decode_completions(tokenizer, ids, mask):
+    """Texts of completions: each row's masked tokens, decoded without special tokens (SPEC.md s4).
+    ids, mask: long (G, L) as returned by `sample`. Returns list[str] of length G."""
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
+
+
 @torch.no_grad()
 def sample(model, prompt_ids, video_embeds, G=8, max_new_tokens=512, temperature=1.0, top_k=50,
            top_p=1.0, eos_id=None, generator=None):

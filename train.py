@@ -299,7 +299,7 @@ def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
         ids, mask = M.sample(model, prompt, video, G=args.G, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
                              generator=seeded(args.seed, step, index, "sample"))
-        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
+        texts = M.decode_completions(tok, ids, mask)
         r = torch.tensor([score(t, sample.answer, args, letters) for t in texts])
         acc = torch.tensor([rewards.accuracy_reward(t, sample.answer, options=letters) for t in texts])
         fmt = torch.tensor([rewards.format_reward(t, args.ml, length_reward=not args.no_length_reward) for t in texts])
@@ -310,8 +310,8 @@ def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
             sids, smask = M.sample(model, prompt, shuffled, G=args.G // 2, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
                                    generator=seeded(args.seed, step, index, "sample-shuffled"))
-            sacc = [rewards.accuracy_reward(tok.decode(row[m.bool()], skip_special_tokens=True), sample.answer,
-                                            options=letters) for row, m in zip(sids.cpu(), smask.cpu())]
+            sacc = [rewards.accuracy_reward(t, sample.answer, options=letters)
+                    for t in M.decode_completions(tok, sids, smask)]
             bonus = torch.tensor(rewards.temporal_bonus(acc.tolist(), sacc, args.tgrpo_alpha, args.tgrpo_mu))
         total = r + bonus
         adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo", noise_std=args.noise_std,
@@ -340,7 +340,7 @@ def grpo_backward(model, group, args, n_sequences, device):
     """Backward of eq. (1) for one group, in micro-batches; the loss is normalised by the number of
     sequences on this rank (n_sequences), so summing micro-batches gives the rank's batch mean.
     Returns the summed loss (float) and the per-token metrics of grpo_loss."""
-    G, L = group["ids"].shape
+    G = group["ids"].shape[0]
     feats = None if args.fsdp else model.vision_tower(group["pixels"])  # frozen: once per group
     total, stats = 0.0, []
     for lo in range(0, G, args.micro_batch):
