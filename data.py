@@ -363,7 +363,7 @@ def _field(rec, name, where, kind=str):
 #   count        how many shapes are in the video?          (not order)
 # Answer letters are balanced: sample i of type (i % 5) gets letter (i // 5) % 5.
 
-SIZE, FPS, BACKGROUND = 64, 8, 24
+SIZE, FPS, BACKGROUND = 64, 8, 128
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 250),
           "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 220)}
 SHAPES = ("circle", "square", "triangle")

@@ -126,3 +126,13 @@ def test_broken_video_is_skipped_and_counted(setup, tmp_path):
         cache(bad / "broken.mp4")   # tolerated until 20 videos have been seen
     with pytest.raises(RuntimeError, match="broken.mp4"):
         cache(bad / "broken.mp4")
+
+
+def test_videos_kept_in_memory_equal_fresh_decodes(setup):
+    d = setup[0]
+    clips = sorted((d / "videos").glob("*.mp4"))[:3]
+    fresh, kept = train.VideoLoader(16, 32, 0.05), train.VideoLoader(16, 32, 0.05, keep_in_memory=True)
+    for _ in range(2):  # the second pass is served from memory
+        for clip in clips:
+            assert torch.equal(kept(clip), fresh(clip))
+    assert len(kept.kept) == 3 and fresh.kept is None
