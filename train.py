@@ -687,11 +687,11 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (about 25 minutes on 2 cores) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (about 30 minutes on 2 cores) and the CI smoke run (seconds).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
-              cold=["--lr", "1e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "2",
+              cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "20",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "1e-4", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "300",
                     "--max-steps", "150", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
