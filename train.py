@@ -246,8 +246,9 @@ def memory_report(model, args, world, device):
 
 class VideoLoader:
     """Loads and preprocesses a sample's frames; counts failures and stops the run past a fraction.
-    With keep_in_memory, each clip is decoded once and its frames kept as uint8 (T*3*S*S bytes: 48 KiB
-    for the shapes task's 16 x 32 x 32 frames); on the shapes task decoding was a third of a base step."""
+    With keep_in_memory, each clip is decoded once and its pixels kept (float32, T*3*S*S*4 bytes:
+    192 KiB for the shapes task's 16 x 32 x 32 frames; callers must not modify them in place). On the
+    shapes task decoding was a third of a base step."""
 
     def __init__(self, num_frames, size, max_bad_fraction, keep_in_memory=False):
         self.num_frames, self.size, self.max_bad = num_frames, size, max_bad_fraction
@@ -258,11 +259,11 @@ class VideoLoader:
         """Returns float (T, 3, S, S), or None (with a warning) when the video cannot be read."""
         self.seen += 1
         if self.kept is not None and path in self.kept:
-            return self.kept[path].float() / 127.5 - 1  # exact: preprocess maps uint8 x to x / 127.5 - 1
+            return self.kept[path]
         try:
             pixels = data.preprocess(data.load_video(path, self.num_frames), self.size)
             if self.kept is not None:
-                self.kept[path] = ((pixels + 1) * 127.5).round().to(torch.uint8)
+                self.kept[path] = pixels
             return pixels
         except (FileNotFoundError, ValueError) as e:
             self.bad.append(str(path))
