@@ -206,15 +206,15 @@ def _oracle(frames, scene):
         def when(o):
             on = np.nonzero(present(o.colors[0]))[0]
             return on[0] if q == "appear_first" else on[-1]
-        o = min(objs, key=when)
-        return f"the {o.colors[0]} {o.shape}"
+        return min(objs, key=when).colors[0]
     if q == "color_order":
         seq = []
         for t in range(len(frames)):
             c = [c for c in data.COLORS if present(c)[t]]
             if c and (not seq or seq[-1] != c[0]):
                 seq.append(c[0])
-        return ", then ".join(seq)
+        assert len(seq) == 3, seq  # it changes colour twice
+        return seq[-1]
     if q == "count":
         return data.COUNTS[sum(present(c)[0] for c in data.COLORS) - 1]
 
