@@ -692,10 +692,10 @@ def shapes_pipeline(argv):
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
-              cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "20",
+              cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
-              grpo=["--lr", "1e-4", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "300",
-                    "--max-steps", "150", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
+              grpo=["--lr", "5e-5", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "200",
+                    "--max-steps", "120", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
