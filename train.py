@@ -688,7 +688,7 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (about 30 minutes on 2 cores) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (about 19 minutes on 2 cores, see README) and the CI smoke run (seconds).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
