@@ -230,6 +230,14 @@ class TinyLlavaVideo(nn.Module):
         feats = self.vision_tower(pixels.to(self.connector._connector.linear.weight.dtype))
         return self.connector(feats)
 
+    def encode_videos(self, videos):
+        """videos: list of B float (T_i, 3, S, S) -> connector outputs (B, num_queries, D).
+        All frames go through the vision tower in one batch (frames are independent there); the
+        connector then resamples each video's own frames. Equals stacking encode_video per video."""
+        dtype = self.connector._connector.linear.weight.dtype
+        feats = self.vision_tower(torch.cat(videos).to(dtype))                  # (sum T_i, P - 1, Dv)
+        return torch.stack([self.connector(f) for f in feats.split([len(v) for v in videos])])
+
     def splice(self, input_ids, attention_mask, video_embeds, labels=None):
         """Put the video in place of the <image> id: each row's single -200 becomes num_queries embeddings.
 

@@ -180,6 +180,16 @@ def test_incremental_decoding_equals_full_forward(tiny):
         torch.testing.assert_close(logp[0], step, atol=1e-5, rtol=1e-5)
 
 
+def test_encode_videos_equals_one_video_at_a_time(tiny):
+    m, _, _, pixels = tiny
+    videos = [pixels, torch.randn(5, 3, 32, 32), pixels[:1]]  # 16, 5 and 1 frames
+    with torch.no_grad():
+        batched = m.encode_videos(videos)
+        assert batched.shape == (3, m.cfg.num_queries, m.cfg.hidden_size)
+        for b, v in enumerate(videos):
+            torch.testing.assert_close(batched[b], m.encode_video(v), atol=1e-5, rtol=1e-5)
+
+
 def test_batch_sharing_one_video_and_splice_labels(tiny):
     m, _, prompt, pixels = tiny
     video = m.encode_video(pixels)
