@@ -504,6 +504,15 @@ def describe(scene):
     return text[0].upper() + text[1:] + "."
 
 
+def colours(scene):
+    """Every colour shown in the clip, in COLORS order: e.g. "Red, blue and magenta." Direct colour
+    supervision for every clip: with only the QA and the description, the tiny base model barely
+    reads colours (option accuracy 30%; with this record 59%, README)."""
+    shown = [c for c in COLORS if any(c in o.colors for o in scene["objects"])]
+    text = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+    return text[0].upper() + text[1:] + "."
+
+
 def reasoning(scene):
     """The templated chain of thought of a cold-start sample: the description, then the option."""
     letter = scene["answer"]
@@ -537,7 +546,8 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
         sft.json              LLaVA format, for training the tiny base model from scratch: per train
-                              clip one option-mode QA (answer = the letter) and one description
+                              clip one option-mode QA (answer = the letter), one description of
+                              what the question asks about, and the list of its colours
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
     Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
     Returns: {"train": [scene, ...], "test": [...]}.
@@ -564,7 +574,8 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
     for s in scenes["train"]:
         problem = format_options(s["question"], s["options"])
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
-        sft.append(record(s, "Describe what happens in the video.", describe(s)))
+        sft.append(record(s, f"{s['question']}\nDescribe what happens in the video.", describe(s)))
+        sft.append(record(s, "Which colours are in the video?", colours(s)))
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
     cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"), reasoning(s))

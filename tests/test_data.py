@@ -242,7 +242,11 @@ def test_shapes_dataset(tmp_path):
     assert all(c.target.endswith(f"</think> <answer>{c.answer}</answer>") for c in cold)
     assert all(c.question.endswith(data.REASON_SUFFIX) for c in cold)
     sft = data.read_llava_json(out / "sft.json")
-    assert len(sft) == 100 and sum(s.answer is not None for s in sft) == 50
+    assert len(sft) == 150 and sum(s.answer is not None for s in sft) == 50
+    describe, colours = sft[1], sft[2]
+    assert describe.question.startswith(scenes["train"][0]["question"] + "\n")
+    shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
+    assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
     # determinism: the same seed writes the same text and the same video bytes
     data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1)
     for name in ("train.jsonl", "test.jsonl", "sft.json", "coldstart.json", "videos/train_00007.mp4"):
