@@ -186,7 +186,7 @@ def shard_model(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model.connector, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    for method in ("encode_video", "completion_logprobs"):
+    for method in ("encode_video", "encode_videos", "completion_logprobs"):
         register_fsdp_forward_method(model, method)
     # FSDP initialises lazily from the first root forward; make it a root forward, not the sampler's
     # direct layer calls (which would turn each layer into a root of its own).
@@ -398,7 +398,7 @@ def sft_backward(model, tok, samples, pixels, device, world):
     n_local = float(((labels != M.IGNORE_INDEX).sum(1) * weights).sum())
     n_global = all_sum([n_local], device)[0]
     with autocast(device):
-        videos = torch.stack([model.encode_video(p.to(device)) for p in pixels])            # (B, Q, D)
+        videos = model.encode_videos([p.to(device) for p in pixels])                        # (B, Q, D)
         logits, labels = model(ids, mask, videos, labels)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                          ignore_index=M.IGNORE_INDEX, reduction="none").view(len(rows), -1)   # (B, n' - 1)
@@ -688,14 +688,14 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (about 19 minutes on 2 cores, see README) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (about 25 minutes on 2 cores, see README) and the CI smoke run (seconds).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
-              base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
+              base=["--lr", "2e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "2", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
-              grpo=["--lr", "5e-5", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "200",
-                    "--max-steps", "120", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
+              grpo=["--lr", "1e-4", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "120",
+                    "--max-steps", "200", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
