@@ -492,8 +492,7 @@ def describe(scene):
     elif q == "count":
         n = len(objs)
         names = [name(o) for o in objs]
-        listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        text = f"there {'is' if n == 1 else 'are'} {COUNTS[n - 1]} shape{'s' * (n > 1)}: {listed}"
+        text = f"there {'is' if n == 1 else 'are'} {COUNTS[n - 1]} shape{'s' * (n > 1)}: {_listed(names)}"
     else:
         parts = []
         for o in objs:
@@ -501,15 +500,21 @@ def describe(scene):
             move = "right" if x1 > x0 else "left" if x1 < x0 else "down" if y1 > y0 else "up" if y1 < y0 else None
             parts.append(f"{name(o)} moves {move}" if move else f"{name(o)} stays still")
         text = "; ".join(parts)
-    return text[0].upper() + text[1:] + "."
+    return _sentence(text)
 
 
 def colours(scene):
     """Every colour shown in the clip, in COLORS order: e.g. "Red, blue and magenta." Direct colour
     supervision for every clip: with only the QA and the description, the tiny base model barely
     reads colours (option accuracy 30%; with this record 59%, README)."""
-    shown = [c for c in COLORS if any(c in o.colors for o in scene["objects"])]
-    text = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+    return _sentence(_listed([c for c in COLORS if any(c in o.colors for o in scene["objects"])]))
+
+
+def _listed(words):
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]  # "a, b and c"
+
+
+def _sentence(text):
     return text[0].upper() + text[1:] + "."
 
 

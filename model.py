@@ -227,6 +227,7 @@ class TinyLlavaVideo(nn.Module):
 
     def encode_video(self, pixels):
         """pixels: float (T, 3, S, S) of one video -> connector outputs (num_queries, D)."""
+        # Not encode_videos([pixels])[0]: both are FSDP forward methods, and those must not nest.
         feats = self.vision_tower(pixels.to(self.connector._connector.linear.weight.dtype))
         return self.connector(feats)
 
