@@ -334,7 +334,9 @@ def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
         if args.num_iterations > 1:
             out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
     lengths = mask.sum(1).float()
+    well_formed = [rewards.format_ok(t) for t in texts]
     out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=lengths.tolist(),
+                          well_formed=well_formed, think_chars=[rewards.think_length(t) for t in texts],
                           text=texts[0], text_reward=float(total[0]), answer=sample.answer)
     return out
 
@@ -597,13 +599,16 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
     ms = [g["metrics"] for g in groups if g["metrics"]]
     flat = lambda k: [v for m in ms for v in m[k]]
     n = len(flat("reward"))
+    # think_length: Len of eq. (3) in characters, averaged over the well-formed completions only
+    think = [c for c, ok in zip(flat("think_chars"), flat("well_formed")) if ok]
     sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")), sum(flat("fmt")),
                     sum(flat("length")), n, sum(s["kl"] for s in stats), sum(s["clip_ratio"] for s in stats),
-                    len(stats), len(groups) - len(ms)], device)
-    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped = sums
+                    len(stats), len(groups) - len(ms), len(think), sum(think)], device)
+    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped, n_ok, think_sum = sums
     n, n_stats = max(n, 1), max(n_stats, 1)
     row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
            "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
+           "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1),
            "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped)}
     if ms:
         row["sample"] = (ms[0]["text"], ms[0]["text_reward"], ms[0]["answer"])
@@ -707,8 +712,9 @@ SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
 def write_curves(run):
     """Figure 4's curves from a GRPO run's metrics.jsonl: curves.csv always, curves.png with matplotlib."""
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl"]
-    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+    keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl", "well_formed",
+            "think_length"]
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]  # "": older runs
     (run / "curves.csv").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

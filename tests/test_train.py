@@ -76,6 +76,29 @@ def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
         assert key in row
 
 
+
+def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
+    """Every sampled completion replaced by the same four texts: the logged means worked by hand."""
+    d, init = setup
+    rec = json.loads((d / "train.jsonl").read_text().splitlines()[0])
+    rec["video_filename"] = str(d / rec["video_filename"])
+    (tmp_path / "one.jsonl").write_text(json.dumps(rec) + "\n")  # one prompt: its label is known
+    label = rec["solution"][len("<answer>")]
+    wrong = "B" if label == "A" else "A"
+    texts = ["<think>" + "x" * 30 + f"</think> <answer>{label}</answer>",  # FR 0.5 + 30/60*0.5 = .75, AR 1
+             "<think>" + "y" * 90 + f"</think> <answer>{wrong}</answer>",  # FR 1.0 (capped), AR 0
+             f"<answer>{label}</answer>",                                  # broken: FR 0, AR 1
+             "no tags at all"]                                             # broken: FR 0, AR 0
+    monkeypatch.setattr(M, "decode_completions", lambda tok, ids, mask: list(texts))
+    train.main(GRPO + ["--init", str(init), "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "r"),
+                       "--max-steps", "1", "--prompts-per-rank", "1", "--ml", "60"])
+    row = metrics(tmp_path / "r")[0]
+    assert row["rewards/format"] == pytest.approx((0.75 + 1.0) / 4)
+    assert row["rewards/accuracy"] == pytest.approx(2 / 4)
+    assert row["reward"] == pytest.approx((1.75 - 1.0 - 2.0 - 2.0) / 4)  # eq. (4)
+    assert row["well_formed"] == pytest.approx(2 / 4)
+    assert row["think_length"] == pytest.approx((30 + 90) / 2)  # characters, well-formed ones only
+
 def test_sft_labels_cover_answer_and_eos_only(setup):
     d, init = setup
     _, tok = M.from_pretrained(init)
