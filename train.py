@@ -734,7 +734,8 @@ def write_curves(run):
 def format_row(row, total, eta):
     if "reward" in row:
         body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
-                f"| format {row['rewards/format']:.3f} | len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
+                f"| format {row['rewards/format']:.3f} (well-formed {row['well_formed']:.2f}, think {row['think_length']:.0f} ch) "
+                f"| len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
                 f"| clip {row['clip_ratio']:.3f}")
     else:
         body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"
