@@ -334,9 +334,9 @@ def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
         if args.num_iterations > 1:
             out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
     lengths = mask.sum(1).float()
-    well_formed = [rewards.format_ok(t) for t in texts]
     out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=lengths.tolist(),
-                          well_formed=well_formed, think_chars=[rewards.think_length(t) for t in texts],
+                          well_formed=(fmt > 0).tolist(),  # FR > 0 exactly when the format rule holds (eq. 3)
+                          think_chars=[rewards.think_length(t) for t in texts],
                           text=texts[0], text_reward=float(total[0]), answer=sample.answer)
     return out
 

@@ -76,7 +76,6 @@ def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
         assert key in row
 
 
-
 def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
     """Every sampled completion replaced by the same four texts: the logged means worked by hand."""
     d, init = setup
@@ -98,6 +97,7 @@ def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
     assert row["reward"] == pytest.approx((1.75 - 1.0 - 2.0 - 2.0) / 4)  # eq. (4)
     assert row["well_formed"] == pytest.approx(2 / 4)
     assert row["think_length"] == pytest.approx((30 + 90) / 2)  # characters, well-formed ones only
+
 
 def test_sft_labels_cover_answer_and_eos_only(setup):
     d, init = setup
