@@ -335,6 +335,7 @@ def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
             out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
     lengths = mask.sum(1).float()
     out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=lengths.tolist(),
+                          bonus=bonus.tolist(),  # T-GRPO's temporal reward (0 without --tgrpo)
                           well_formed=(fmt > 0).tolist(),  # FR > 0 exactly when the format rule holds (eq. 3)
                           think_chars=[rewards.think_length(t) for t in texts],
                           text=texts[0], text_reward=float(total[0]), answer=sample.answer)
@@ -603,13 +604,15 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
     think = [c for c, ok in zip(flat("think_chars"), flat("well_formed")) if ok]
     sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")), sum(flat("fmt")),
                     sum(flat("length")), n, sum(s["kl"] for s in stats), sum(s["clip_ratio"] for s in stats),
-                    len(stats), len(groups) - len(ms), len(think), sum(think)], device)
-    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped, n_ok, think_sum = sums
+                    len(stats), len(groups) - len(ms), len(think), sum(think), sum(flat("bonus"))], device)
+    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped, n_ok, think_sum, bonus = sums
     n, n_stats = max(n, 1), max(n_stats, 1)
     row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
            "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
            "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1),
            "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped)}
+    if args.tgrpo:  # mean temporal bonus per completion: alpha x the fraction that earned it
+        row["rewards/temporal"] = bonus / n
     if ms:
         row["sample"] = (ms[0]["text"], ms[0]["text_reward"], ms[0]["answer"])
     return row
@@ -713,7 +716,7 @@ def write_curves(run):
     """Figure 4's curves from a GRPO run's metrics.jsonl: curves.csv always, curves.png with matplotlib."""
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl", "well_formed",
-            "think_length"]
+            "think_length", "rewards/temporal"]
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]  # "": older runs
     (run / "curves.csv").write_text("\n".join(lines) + "\n")
     try:
@@ -735,7 +738,8 @@ def format_row(row, total, eta):
     if "reward" in row:
         body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
                 f"| format {row['rewards/format']:.3f} (well-formed {row['well_formed']:.2f}, think {row['think_length']:.0f} ch) "
-                f"| len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
+                + (f"| temporal {row['rewards/temporal']:.3f} " if "rewards/temporal" in row else "")
+                + f"| len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
                 f"| clip {row['clip_ratio']:.3f}")
     else:
         body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"

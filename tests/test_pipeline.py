@@ -15,7 +15,7 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| Model | Answer Type | shapes / NextQA-format |" in printed
     curves = (out / "r1/curves.csv").read_text().splitlines()
-    assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl,well_formed,think_length" and len(curves) == 3
+    assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl,well_formed,think_length,rewards/temporal" and len(curves) == 3
     # an ablation re-runs only GRPO and its evaluation, on the same base and cold start
     stamp = (out / "base/final/model.safetensors").stat().st_mtime
     res = train.shapes_pipeline(["--out", str(out), "--smoke", "--beta", "0", "--loss-type", "dr_grpo"])
