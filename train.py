@@ -717,7 +717,8 @@ def write_curves(run):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl", "well_formed",
             "think_length", "rewards/temporal"]
-    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]  # "": older runs
+    # "" where a run did not log a key: older runs, or rewards/temporal without --tgrpo
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     (run / "curves.csv").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
