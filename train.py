@@ -737,11 +737,10 @@ def write_curves(run):
 
 def format_row(row, total, eta):
     if "reward" in row:
+        temporal = f"| temporal {row['rewards/temporal']:.3f} " if "rewards/temporal" in row else ""
         body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
                 f"| format {row['rewards/format']:.3f} (well-formed {row['well_formed']:.2f}, think {row['think_length']:.0f} ch) "
-                + (f"| temporal {row['rewards/temporal']:.3f} " if "rewards/temporal" in row else "")
-                + f"| len {row['completion_length']:6.1f} | kl {row['kl']:.4f} "
-                f"| clip {row['clip_ratio']:.3f}")
+                f"{temporal}| len {row['completion_length']:6.1f} | kl {row['kl']:.4f} | clip {row['clip_ratio']:.3f}")
     else:
         body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"
     skipped = f" | skipped {row['skipped_total']}" if row.get("skipped_total") else ""

@@ -76,20 +76,27 @@ def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
         assert key in row
 
 
+def one_prompt(d, tmp_path):
+    """A GRPO data file of the first training prompt alone, so that its label is known.
+    Returns (path, the label letter, a wrong letter)."""
+    rec = json.loads((d / "train.jsonl").read_text().splitlines()[0])
+    rec["video_filename"] = str(d / rec["video_filename"])
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    label = rec["solution"][len("<answer>")]
+    return path, label, "B" if label == "A" else "A"
+
+
 def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
     """Every sampled completion replaced by the same four texts: the logged means worked by hand."""
     d, init = setup
-    rec = json.loads((d / "train.jsonl").read_text().splitlines()[0])
-    rec["video_filename"] = str(d / rec["video_filename"])
-    (tmp_path / "one.jsonl").write_text(json.dumps(rec) + "\n")  # one prompt: its label is known
-    label = rec["solution"][len("<answer>")]
-    wrong = "B" if label == "A" else "A"
+    data_file, label, wrong = one_prompt(d, tmp_path)
     texts = ["<think>" + "x" * 30 + f"</think> <answer>{label}</answer>",  # FR 0.5 + 30/60*0.5 = .75, AR 1
              "<think>" + "y" * 90 + f"</think> <answer>{wrong}</answer>",  # FR 1.0 (capped), AR 0
              f"<answer>{label}</answer>",                                  # broken: FR 0, AR 1
              "no tags at all"]                                             # broken: FR 0, AR 0
     monkeypatch.setattr(M, "decode_completions", lambda tok, ids, mask: list(texts))
-    train.main(GRPO + ["--init", str(init), "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "r"),
+    train.main(GRPO + ["--init", str(init), "--data", str(data_file), "--out", str(tmp_path / "r"),
                        "--max-steps", "1", "--prompts-per-rank", "1", "--ml", "60"])
     row = metrics(tmp_path / "r")[0]
     assert row["rewards/format"] == pytest.approx((0.75 + 1.0) / 4)
@@ -99,27 +106,23 @@ def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
     assert row["think_length"] == pytest.approx((30 + 90) / 2)  # characters, well-formed ones only
 
 
-
 @pytest.mark.parametrize("shuffled_right, paid", [(1, True), (2, False)])
 def test_logged_temporal_bonus(setup, tmp_path, monkeypatch, shuffled_right, paid):
     """T-GRPO: 2 of the 4 ordered completions right (p = 0.5); of the G/2 = 2 on shuffled frames 1
     right (p~ = 0.5: bonus paid, p >= p~) or 2 (p~ = 1: not paid). Logged means worked by hand."""
     d, init = setup
-    rec = json.loads((d / "train.jsonl").read_text().splitlines()[0])
-    rec["video_filename"] = str(d / rec["video_filename"])
-    (tmp_path / "one.jsonl").write_text(json.dumps(rec) + "\n")
-    label = rec["solution"][len("<answer>")]
-    wrong = "B" if label == "A" else "A"
+    data_file, label, wrong = one_prompt(d, tmp_path)
     ordered = [f"<think>x</think> <answer>{label}</answer>"] * 2 + [f"<think>x</think> <answer>{wrong}</answer>"] * 2
     shuffled = [f"<answer>{label}</answer>"] * shuffled_right + [f"<answer>{wrong}</answer>"] * (2 - shuffled_right)
     monkeypatch.setattr(M, "decode_completions", lambda tok, ids, mask: list(ordered if len(ids) == 4 else shuffled))
-    train.main(GRPO + ["--init", str(init), "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "r"),
+    train.main(GRPO + ["--init", str(init), "--data", str(data_file), "--out", str(tmp_path / "r"),
                        "--max-steps", "1", "--prompts-per-rank", "1", "--ml", "60", "--tgrpo"])
     row = metrics(tmp_path / "r")[0]
     bonus = 0.3 * 2 / 4 if paid else 0.0  # alpha on each of the 2 right ones
     fr = 0.5 + 1 / 60 * 0.5               # one character of thought
     assert row["rewards/temporal"] == pytest.approx(bonus)
     assert row["reward"] == pytest.approx((2 * (1 + fr) - 2 * fr) / 4 + bonus)  # eq. (4) + the bonus
+
 
 def test_sft_labels_cover_answer_and_eos_only(setup):
     d, init = setup
