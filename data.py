@@ -518,12 +518,17 @@ def _sentence(text):
     return text[0].upper() + text[1:] + "."
 
 
-def reasoning(scene):
-    """The templated chain of thought of a cold-start sample: the description, then the option."""
+def explain(scene):
+    """The templated thought, without tags: the description, then the option. E.g. "The red circle
+    moves right; the blue square stays still. So the answer is right, which is option B." """
     letter = scene["answer"]
     chosen = scene["options"][LETTERS.index(letter)]
-    return (f"<think>{describe(scene)} So the answer is {chosen}, which is option {letter}.</think> "
-            f"<answer>{letter}</answer>")
+    return f"{describe(scene)} So the answer is {chosen}, which is option {letter}."
+
+
+def reasoning(scene):
+    """The chain of thought of a cold-start sample: explain(scene) in <think>, then the letter."""
+    return f"<think>{explain(scene)}</think> <answer>{scene['answer']}</answer>"
 
 
 def write_mp4(frames, path, fps=FPS):
@@ -546,13 +551,15 @@ def _make_sample(job):
     return scene, rel
 
 
-def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
+def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False):
     """Write the shapes data set to `out`:
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
         sft.json              LLaVA format, for training the tiny base model from scratch: per train
                               clip one option-mode QA (answer = the letter), one description of
-                              what the question asks about, and the list of its colours
+                              what the question asks about, and the list of its colours; with
+                              reasoning_record=True a fourth: the reason-mode prompt answered with
+                              the thought in plain text, no tags (explain(); README, session 7)
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
     Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
     Returns: {"train": [scene, ...], "test": [...]}.
@@ -581,6 +588,8 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
         sft.append(record(s, f"{s['question']}\nDescribe what happens in the video.", describe(s)))
         sft.append(record(s, "Which colours are in the video?", colours(s)))
+        if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
+            sft.append(record(s, build_question(problem, "reason"), explain(s)))
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
     cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"), reasoning(s))
@@ -631,11 +640,12 @@ if __name__ == "__main__":
     s.add_argument("--test", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--reasoning-record", action="store_true", help="sft.json: + the plain-text thought per clip")
     sub.add_parser("bench", help="time load_video against decode-all-then-pick")
     args = p.parse_args()
     if args.cmd == "shapes":
         t0 = time.time()
-        generate_shapes(args.out, args.train, args.test, args.seed, args.workers)
+        generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
     else:
         bench()

@@ -639,6 +639,8 @@ def shapes_pipeline(argv):
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="Figure 6: Dr. GRPO")
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
+    p.add_argument("--reasoning-base", action="store_true",
+                   help="a base stage that also learns the plain-text thought (README, session 7); cold start 20 epochs")
     a = p.parse_args(argv)
     out = Path(a.out)
     S = SMOKE if a.smoke else SHAPES
@@ -652,14 +654,18 @@ def shapes_pipeline(argv):
 
     d = out / "data"
     if not (d / "test.jsonl").exists():
-        stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed))
+        stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed, reasoning_record=a.reasoning_base))
+    elif (data.REASON_SUFFIX in (d / "sft.json").read_text()) != a.reasoning_base:
+        raise ValueError(f"{d / 'sft.json'} was written {'without' if a.reasoning_base else 'with'} "
+                         "--reasoning-base; use another --out for the other base stage")
     base, cold = out / "base", out / "coldstart"
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
                                         "--out", str(base), "--seed", str(a.seed)] + S["base"]))
     if not (cold / "final").exists():
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
-                                          str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)] + S["cold"]))
+                                          str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
+                                         + S["cold"] + ["--epochs", "20"] * a.reasoning_base))  # only the tags are new
     name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart), (a.reward, a.reward != "penalty"),
                                                  ("nokl", a.beta == 0), ("drgrpo", a.loss_type == "dr_grpo"),
                                                  ("tgrpo", a.tgrpo)) if on)

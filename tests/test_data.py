@@ -270,3 +270,21 @@ def test_shapes_letters_balanced_and_text_only_baseline_near_chance():
         guess = max(s["options"], key=lambda o: counts[o])
         hits += guess == right(s)
     assert hits / len(test) < 0.30, hits / len(test)
+
+
+def test_shapes_reasoning_record(tmp_path):
+    # --reasoning-record adds, per clip, the reason prompt answered with the cold-start thought untagged
+    data.generate_shapes(tmp_path / "plain", n_train=20, n_test=5, seed=1)
+    data.generate_shapes(tmp_path / "rb", n_train=20, n_test=5, seed=1, reasoning_record=True)
+    plain = json.loads((tmp_path / "plain" / "sft.json").read_text())
+    rb = json.loads((tmp_path / "rb" / "sft.json").read_text())
+    assert len(rb) == 4 * 20 and [r for i, r in enumerate(rb) if i % 4 != 3] == plain
+    cold = {c["video"]: c["conversations"] for c in json.loads((tmp_path / "rb" / "coldstart.json").read_text())}
+    assert len(cold) == 16
+    for rec in rb[3::4]:
+        human, gpt = (turn["value"] for turn in rec["conversations"])
+        assert human.endswith(data.REASON_SUFFIX) and "<think>" not in gpt
+        if rec["video"] in cold:  # the same prompt; the cold start's target is this one in tags
+            assert human == cold[rec["video"]][0]["value"]
+            letter = gpt[-2]
+            assert cold[rec["video"]][1]["value"] == f"<think>{gpt}</think> <answer>{letter}</answer>"

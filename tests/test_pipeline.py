@@ -1,5 +1,9 @@
 """The whole shapes pipeline, a few steps of each stage (the CI's smoke version of `train.py shapes`)."""
 
+import json
+
+import pytest
+
 import train
 
 
@@ -22,3 +26,13 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert (out / "base/final/model.safetensors").stat().st_mtime == stamp
     assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-nokl-drgrpo)" and "GRPO (r1-nokl-drgrpo)" in res["times"]
     assert (out / "r1-nokl-drgrpo/final/train_state.pt").exists()
+    # the data on disk was written for the default base stage: the other one needs its own folder
+    with pytest.raises(ValueError, match="without --reasoning-base"):
+        train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+
+
+def test_shapes_pipeline_reasoning_base_smoke(tmp_path):
+    out = tmp_path / "rb"
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+    assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20  # 20 smoke clips, 4 records each
+    assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
