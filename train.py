@@ -625,7 +625,8 @@ def shapes_pipeline(argv):
     """data -> base SFT from scratch -> cold start -> GRPO -> evaluate base (option), cold start and R1
     (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
-    GRPO and its evaluation. Returns the results dict."""
+    GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
+    written for the other base stage (--reasoning-base or not)."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
