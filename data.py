@@ -518,17 +518,48 @@ def _sentence(text):
     return text[0].upper() + text[1:] + "."
 
 
-def explain(scene):
+def observe(scene):
+    """A first step that looks before it describes, built on what the tiny model reads well (the
+    colours in a clip, the first and last colour shown) and narrowing the five options down (README,
+    session 8). E.g. "The colours are red and blue. The last one seen is blue." """
+    objs, q = scene["objects"], scene["qtype"]
+    shown = [c for c in COLORS if any(c in o.colors for o in objs)]
+    step = f"The colour{'s are' if len(shown) > 1 else ' is'} {_listed(shown)}"
+    if q == "count":
+        return step + (", one shape each." if len(shown) > 1 else ", one shape.")
+    if q == "appear_first":
+        return step + f". The first one seen is {min(objs, key=lambda o: o.on[0]).colors[0]}."
+    if q == "leave_first":
+        return step + f". The last one seen is {max(objs, key=lambda o: o.on[1]).colors[0]}."
+    if q == "direction":
+        o = objs[0]
+        x0, y0, x1, y1 = o.path
+        return f"The {o.colors[0]} {o.shape} starts {_where(x0, y0)} and ends {_where(x1, y1)}."
+    return step + "."
+
+
+def _where(x, y):
+    # the cell of a 3x3 grid over the 64-pixel frame: "at the top left", "in the middle", ...
+    row = ("top", "middle", "bottom")[(y > 21) + (y > 42)]
+    col = ("left", "middle", "right")[(x > 21) + (x > 42)]
+    if row == col == "middle":
+        return "in the middle"
+    return f"at the {row}" if col == "middle" else f"at the {col}" if row == "middle" else f"at the {row} {col}"
+
+
+def explain(scene, stepwise=False):
     """The templated thought, without tags: the description, then the option. E.g. "The red circle
-    moves right; the blue square stays still. So the answer is right, which is option B." """
+    moves right; the blue square stays still. So the answer is right, which is option B."
+    stepwise=True puts observe(scene) first: a longer thought with one more step."""
     letter = scene["answer"]
     chosen = scene["options"][LETTERS.index(letter)]
-    return f"{describe(scene)} So the answer is {chosen}, which is option {letter}."
+    look = f"{observe(scene)} " if stepwise else ""
+    return f"{look}{describe(scene)} So the answer is {chosen}, which is option {letter}."
 
 
-def reasoning(scene):
-    """The chain of thought of a cold-start sample: explain(scene) in <think>, then the letter."""
-    return f"<think>{explain(scene)}</think> <answer>{scene['answer']}</answer>"
+def reasoning(scene, stepwise=False):
+    """The chain of thought of a cold-start sample: explain(scene, stepwise) in <think>, then the letter."""
+    return f"<think>{explain(scene, stepwise)}</think> <answer>{scene['answer']}</answer>"
 
 
 def write_mp4(frames, path, fps=FPS):
@@ -551,7 +582,7 @@ def _make_sample(job):
     return scene, rel
 
 
-def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False):
+def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False, stepwise=False):
     """Write the shapes data set to `out`:
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
@@ -561,6 +592,9 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                               reasoning_record=True a fourth: the reason-mode prompt answered with
                               the thought in plain text, no tags (explain(); README, session 7)
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
+        shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
+    stepwise=True makes every other thought (reasoning record and cold start) the longer one that
+    first observes (explain(s, stepwise=True)), so that GRPO has two lengths of thought to choose from.
     Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
     Returns: {"train": [scene, ...], "test": [...]}.
     """
@@ -583,18 +617,23 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         return {"video": f"./{s['video']}", "conversations": [
             {"from": "human", "value": f"{IMAGE_TOKEN}\n{human}"}, {"from": "gpt", "value": gpt}]}
     sft = []
-    for s in scenes["train"]:
+    for i, s in enumerate(scenes["train"]):
         problem = format_options(s["question"], s["options"])
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
         sft.append(record(s, f"{s['question']}\nDescribe what happens in the video.", describe(s)))
         sft.append(record(s, "Which colours are in the video?", colours(s)))
         if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
-            sft.append(record(s, build_question(problem, "reason"), explain(s)))
+            # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
+            # (type, letter) pair comes in both styles
+            sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // 5) % 2 == 1)))
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
-    cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"), reasoning(s))
-            for s in scenes["train"][::step][:16]]
+    cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"),
+                   reasoning(s, stepwise and k % 2 == 1))  # k % 2: both styles for every type
+            for k, s in enumerate(scenes["train"][::step][:16])]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
+    options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise)
+    (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data
     (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
     return scenes
 
@@ -641,11 +680,13 @@ if __name__ == "__main__":
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--reasoning-record", action="store_true", help="sft.json: + the plain-text thought per clip")
+    s.add_argument("--stepwise", action="store_true", help="every other thought first observes (longer)")
     sub.add_parser("bench", help="time load_video against decode-all-then-pick")
     args = p.parse_args()
     if args.cmd == "shapes":
         t0 = time.time()
-        generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record)
+        generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record,
+                        args.stepwise)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
     else:
         bench()

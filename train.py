@@ -626,7 +626,7 @@ def shapes_pipeline(argv):
     (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
-    written for the other base stage (--reasoning-base or not)."""
+    written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise)."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -641,7 +641,10 @@ def shapes_pipeline(argv):
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
     p.add_argument("--reasoning-base", action="store_true",
-                   help="a base stage that also learns the plain-text thought (README, session 7); cold start 20 epochs")
+                   help="a base stage that also learns the plain-text thought (README, session 7); cold start 20 "
+                        "epochs, GRPO lr 3e-4")
+    p.add_argument("--stepwise", action="store_true",
+                   help="--reasoning-base with every other thought one step longer (README, session 8)")
     a = p.parse_args(argv)
     out = Path(a.out)
     S = SMOKE if a.smoke else SHAPES
@@ -653,12 +656,14 @@ def shapes_pipeline(argv):
         times[name] = time.time() - t0
         print(f"== {name}: {times[name] / 60:.1f} min", flush=True)
 
-    d = out / "data"
+    a.reasoning_base |= a.stepwise
+    d, kind = out / "data", dict(reasoning_record=a.reasoning_base, stepwise=a.stepwise)
     if not (d / "test.jsonl").exists():
-        stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed, reasoning_record=a.reasoning_base))
-    elif (data.REASON_SUFFIX in (d / "sft.json").read_text()) != a.reasoning_base:
-        raise ValueError(f"{d / 'sft.json'} was written {'without' if a.reasoning_base else 'with'} "
-                         "--reasoning-base; use another --out for the other base stage")
+        stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed, **kind))
+    written = json.loads((d / "shapes_args.txt").read_text()) if (d / "shapes_args.txt").exists() else {}  # none: default
+    if any(written.get(k, False) != v for k, v in kind.items()):
+        raise ValueError(f"{d} was written for another base stage ({d / 'shapes_args.txt'}: {written}; this run "
+                         f"wants {kind}); use another --out")
     base, cold = out / "base", out / "coldstart"
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
@@ -676,6 +681,7 @@ def shapes_pipeline(argv):
     grpo_args += ["--no-length-reward"] * (a.reward == "format") + ["--no-wrong-penalty"] * (a.reward != "penalty")
     grpo_args += ["--tgrpo"] * a.tgrpo + (["--beta", str(a.beta)] if a.beta is not None else [])
     grpo_args += ["--max-steps", str(a.grpo_steps)] if a.grpo_steps else []
+    grpo_args += ["--lr", "3e-4"] * a.reasoning_base  # stable from this cold start (README, session 8); last wins
     if not (r1 / "final").exists():
         shutil.rmtree(r1, ignore_errors=True)  # a half-finished run starts over
         stage(f"GRPO ({name})", lambda: main(grpo_args))

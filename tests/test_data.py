@@ -288,3 +288,70 @@ def test_shapes_reasoning_record(tmp_path):
             assert human == cold[rec["video"]][0]["value"]
             letter = gpt[-2]
             assert cold[rec["video"]][1]["value"] == f"<think>{gpt}</think> <answer>{letter}</answer>"
+
+
+def _observed_from_pixels(frames, scene):
+    """What observe() should say, recomputed from the PIXELS: the colours shown, the first and last
+    colour seen, the named shape's 3x3 cell at the first and last frame."""
+    present = {c: (np.abs(frames.astype(int) - np.array(data.COLORS[c])).sum(-1) < 60).reshape(len(frames), -1).sum(1) > 10
+               for c in data.COLORS}
+    shown = [c for c in data.COLORS if present[c].any()]
+    first = min(shown, key=lambda c: np.nonzero(present[c])[0][0])
+    last = max(shown, key=lambda c: np.nonzero(present[c])[0][-1])
+    cell = None
+    if scene["qtype"] == "direction":
+        m = np.abs(frames.astype(int) - np.array(data.COLORS[scene["objects"][0].colors[0]])).sum(-1) < 60
+        box_centre = lambda ix: (ix.min() + ix.max()) / 2  # a triangle's centroid is off its centre
+        cell = [tuple(int(box_centre(ix) // 21.34) for ix in np.nonzero(m[t])) for t in (0, -1)]  # (row, col)
+    return shown, first, last, cell
+
+
+def test_shapes_stepwise_observation():
+    # hand-written: the words of each type's first step
+    O = data.Obj
+    leave = {"qtype": "leave_first", "objects": [O("circle", ["red"], (10, 10, 10, 10), (0, 5)),
+                                                 O("square", ["blue"], (50, 50, 50, 50), (0, 9))]}
+    assert data.observe(leave) == "The colours are red and blue. The last one seen is blue."
+    move = {"qtype": "direction", "objects": [O("circle", ["green"], (54, 30, 10, 30), (0, 9))]}
+    assert data.observe(move) == "The green circle starts at the right and ends at the left."
+    still = {"qtype": "direction", "objects": [O("square", ["red"], (50, 14, 50, 14), (0, 9))]}
+    assert data.observe(still) == "The red square starts at the top right and ends at the top right."
+    one = {"qtype": "count", "objects": [O("triangle", ["yellow"], (32, 32, 32, 32), (0, 9))]}
+    assert data.observe(one) == "The colour is yellow, one shape."
+    # and what it says is what the pixels show, on drawn scenes of every type
+    for i in range(50):
+        scene = data.make_scene(np.random.default_rng(i), data.QTYPES[i % 5], (i // 5) % 5)
+        shown, first, last, cell = _observed_from_pixels(data.render(scene), scene)
+        text = data.observe(scene)
+        if cell is None:
+            assert text.startswith(f"The colour{'s are' if len(shown) > 1 else ' is'} {data._listed(shown)}"), text
+            assert {"appear_first": f"The first one seen is {first}.", "leave_first": f"The last one seen is {last}."
+                    }.get(scene["qtype"], "") in text
+        else:
+            start, end = text.split(" starts ")[1].split(" and ends ")
+            for (r, c), where in zip(cell, (start, end)):
+                assert {w for w in ("top", "bottom") if w in where} == {("top", None, "bottom")[r]} - {None}, (text, cell)
+                assert {w for w in ("left", "right") if w in where} == {("left", None, "right")[c]} - {None}, (text, cell)
+                assert ("middle" in where) == (r == c == 1), (text, cell)  # "at the left": the middle row
+        thought = data.explain(scene, stepwise=True)
+        assert thought == f"{text} {data.explain(scene)}"  # one more step, then the same thought
+
+
+def test_shapes_stepwise_files(tmp_path):
+    # --stepwise: every other thought (per type and letter in sft.json, per type in the cold start) is
+    # the longer one; the others are exactly the --reasoning-record file's
+    data.generate_shapes(tmp_path / "rb", n_train=40, n_test=5, seed=1, reasoning_record=True)
+    scenes = data.generate_shapes(tmp_path / "sw", n_train=40, n_test=5, seed=1, reasoning_record=True, stepwise=True)
+    rb, sw = (json.loads((tmp_path / d / "sft.json").read_text()) for d in ("rb", "sw"))
+    for i, (a, b, s) in enumerate(zip(rb[3::4], sw[3::4], scenes["train"])):
+        long = b["conversations"][1]["value"] != a["conversations"][1]["value"]
+        assert long == ((i // 5) % 2 == 1), i
+        if long:
+            assert b["conversations"][1]["value"] == data.explain(s, stepwise=True)
+    assert [r for i, r in enumerate(sw) if i % 4 != 3] == [r for i, r in enumerate(rb) if i % 4 != 3]
+    cold = json.loads((tmp_path / "sw" / "coldstart.json").read_text())
+    styles = Counter((data.shapes_qtype(c["conversations"][0]["value"].split("\n", 1)[1]),
+                      "The colour" in c["conversations"][1]["value"] or " starts " in c["conversations"][1]["value"])
+                     for c in cold)
+    assert len(styles) == 10, styles  # both styles for all five types
+    assert json.loads((tmp_path / "sw" / "shapes_args.txt").read_text())["stepwise"] is True

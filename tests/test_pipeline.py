@@ -27,12 +27,16 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-nokl-drgrpo)" and "GRPO (r1-nokl-drgrpo)" in res["times"]
     assert (out / "r1-nokl-drgrpo/final/train_state.pt").exists()
     # the data on disk was written for the default base stage: the other one needs its own folder
-    with pytest.raises(ValueError, match="without --reasoning-base"):
+    with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
 
 
-def test_shapes_pipeline_reasoning_base_smoke(tmp_path):
-    out = tmp_path / "rb"
-    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+def test_shapes_pipeline_stepwise_smoke(tmp_path):
+    # --stepwise is --reasoning-base with two styles of thought
+    out = tmp_path / "sw"
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise"])
     assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20  # 20 smoke clips, 4 records each
+    assert json.loads((out / "data/shapes_args.txt").read_text())["stepwise"] is True
     assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
+    with pytest.raises(ValueError, match="written for another base stage"):
+        train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
