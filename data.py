@@ -507,7 +507,11 @@ def colours(scene):
     """Every colour shown in the clip, in COLORS order: e.g. "Red, blue and magenta." Direct colour
     supervision for every clip: with only the QA and the description, the tiny base model barely
     reads colours (option accuracy 30%; with this record 59%, README)."""
-    return _sentence(_listed([c for c in COLORS if any(c in o.colors for o in scene["objects"])]))
+    return _sentence(_listed(_shown(scene)))
+
+
+def _shown(scene):
+    return [c for c in COLORS if any(c in o.colors for o in scene["objects"])]  # in COLORS order
 
 
 def _listed(words):
@@ -523,7 +527,7 @@ def observe(scene):
     colours in a clip, the first and last colour shown) and narrowing the five options down (README,
     session 8). E.g. "The colours are red and blue. The last one seen is blue." """
     objs, q = scene["objects"], scene["qtype"]
-    shown = [c for c in COLORS if any(c in o.colors for o in objs)]
+    shown = _shown(scene)
     step = f"The colour{'s are' if len(shown) > 1 else ' is'} {_listed(shown)}"
     if q == "count":
         return step + (", one shape each." if len(shown) > 1 else ", one shape.")
@@ -625,7 +629,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
             # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
             # (type, letter) pair comes in both styles
-            sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // 5) % 2 == 1)))
+            sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // len(QTYPES)) % 2 == 1)))
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
     cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"),

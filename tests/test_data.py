@@ -187,13 +187,19 @@ def test_read_llava_json(tmp_path):
 
 # ---- the shapes task -------------------------------------------------------------------------
 
+def _colour_mask(frames, color):
+    return np.abs(frames.astype(int) - np.array(data.COLORS[color])).sum(-1) < 60  # (T, H, W)
+
+
+def _present(frames, color):
+    return _colour_mask(frames, color).reshape(len(frames), -1).sum(1) > 10  # (T,)
+
+
 def _oracle(frames, scene):
     """Recompute a scene's answer from its PIXELS alone (independent of make_scene's bookkeeping):
     each shape has its own colour, so colour masks give presence and position per frame."""
-    def mask(color):
-        return (np.abs(frames.astype(int) - np.array(data.COLORS[color])).sum(-1) < 60)  # (T, H, W)
-    def present(color):
-        return mask(color).reshape(len(frames), -1).sum(1) > 10  # (T,)
+    mask = lambda color: _colour_mask(frames, color)
+    present = lambda color: _present(frames, color)
     q, objs = scene["qtype"], scene["objects"]
     if q == "direction":
         m = mask(objs[0].colors[0])
@@ -293,14 +299,13 @@ def test_shapes_reasoning_record(tmp_path):
 def _observed_from_pixels(frames, scene):
     """What observe() should say, recomputed from the PIXELS: the colours shown, the first and last
     colour seen, the named shape's 3x3 cell at the first and last frame."""
-    present = {c: (np.abs(frames.astype(int) - np.array(data.COLORS[c])).sum(-1) < 60).reshape(len(frames), -1).sum(1) > 10
-               for c in data.COLORS}
+    present = {c: _present(frames, c) for c in data.COLORS}
     shown = [c for c in data.COLORS if present[c].any()]
     first = min(shown, key=lambda c: np.nonzero(present[c])[0][0])
     last = max(shown, key=lambda c: np.nonzero(present[c])[0][-1])
     cell = None
     if scene["qtype"] == "direction":
-        m = np.abs(frames.astype(int) - np.array(data.COLORS[scene["objects"][0].colors[0]])).sum(-1) < 60
+        m = _colour_mask(frames, scene["objects"][0].colors[0])
         box_centre = lambda ix: (ix.min() + ix.max()) / 2  # a triangle's centroid is off its centre
         cell = [tuple(int(box_centre(ix) // 21.34) for ix in np.nonzero(m[t])) for t in (0, -1)]  # (row, col)
     return shown, first, last, cell
