@@ -135,6 +135,36 @@ def test_sft_labels_cover_answer_and_eos_only(setup):
     assert labels.tolist() == [-100] * len(prompt) + answer + [tok.eos_token_id]
 
 
+def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
+    d, init = setup
+    model, tok = M.from_pretrained(init)
+    cpu = torch.device("cpu")
+    samples = data.read_llava_json(d / "sft.json")[:9:3]  # three clips (sft.json has three records per clip)
+    pixels = [train.VideoLoader(16, model.cfg.image_size, 0.05)(s.video) for s in samples]
+
+    def loss(sample, px):  # no padding, no batching: one forward per sample
+        ids, labels = train.sft_tensors(tok, sample, cpu)
+        with torch.no_grad():
+            logits, labels = model(ids[None], torch.ones_like(ids)[None], model.encode_video(px)[None], labels[None])
+        ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+        return float(ce), int((labels[0, 1:] != -100).sum())
+
+    own = [loss(s, p) for s, p in zip(samples, pixels)]
+    other = [loss(s, pixels[(i + 1) % 3]) for i, s in enumerate(samples)]  # the next sample's video
+    gain, n = train.video_gain(model, tok, samples, pixels, cpu)
+    assert n == sum(k for _, k in own)
+    assert gain == pytest.approx(sum(o for o, _ in other) - sum(o for o, _ in own), rel=1e-4, abs=1e-4)
+    assert abs(gain) > 1e-3  # the videos differ, so the losses do
+    same, _ = train.video_gain(model, tok, samples, [pixels[0]] * 3, cpu)
+    assert same == pytest.approx(0.0, abs=1e-4)
+    assert train.video_gain(model, tok, samples, [pixels[0], None, None], cpu) == (0.0, 0.0)
+    # and the SFT loop logs it every N steps
+    train.main(["--stage", "sft", "--init", str(init), "--data", str(d / "sft.json"), "--out", str(tmp_path / "g"),
+                "--max-steps", "2", "--video-gain-every", "2", "--batch-size", "4", "--quiet"])
+    rows = metrics(tmp_path / "g")
+    assert "video_gain" not in rows[0] and abs(rows[1]["video_gain"]) < 10
+
+
 def test_resume_repeats_an_uninterrupted_run(setup, tmp_path):
     d, init = setup
     args = GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--max-steps", "4", "--save-every", "2",
