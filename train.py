@@ -591,7 +591,8 @@ def main(argv=None):
             row = {"loss": loss, "tokens": int(n_tok), "skipped": int(skipped)}
             if args.video_gain_every and (step + 1) % args.video_gain_every == 0:
                 gain, n_gain = all_sum(video_gain(model, tok, samples, pixels, device), device)
-                row["video_gain"] = gain / max(n_gain, 1)
+                if n_gain:  # not with one sample per rank: there is no other video to swap in
+                    row["video_gain"] = gain / n_gain
         grad_norm = update()
         dt = time.time() - t0
         row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, sec=dt,

@@ -163,6 +163,9 @@ def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
                 "--max-steps", "2", "--video-gain-every", "2", "--batch-size", "4", "--quiet"])
     rows = metrics(tmp_path / "g")
     assert "video_gain" not in rows[0] and abs(rows[1]["video_gain"]) < 10
+    train.main(["--stage", "sft", "--init", str(init), "--data", str(d / "sft.json"), "--out", str(tmp_path / "g1"),
+                "--max-steps", "1", "--video-gain-every", "1", "--batch-size", "1", "--quiet"])
+    assert "video_gain" not in metrics(tmp_path / "g1")[0]  # one sample: no other video, nothing logged
 
 
 def test_resume_repeats_an_uninterrupted_run(setup, tmp_path):
