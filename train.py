@@ -427,7 +427,7 @@ def video_gain(model, tok, samples, pixels, device):
     """Is the model reading the video? A diagnostic of ours, not the paper's: the answer loss of this
     batch with each sample given the NEXT sample's video, minus the loss with its own.
     ~0 while the model answers from the text alone (the plateau a model trained from scratch starts
-    on); it grows as the model learns to read the clips (README: the base stage's learning rate).
+    on); it grows as the model learns to read the clips (README, Session 9).
     Args: as sft_losses; samples whose pixels are None are left out.
     Returns: (sum over this rank's samples of the loss difference in nats, their answer tokens), two
         floats, so that ranks can be summed before dividing; (0.0, 0.0) with fewer than two videos."""
