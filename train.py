@@ -670,13 +670,13 @@ def shapes_pipeline(argv):
     p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
     p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
                    help="Figure 5: format reward only / + length reward / + wrong-answer penalty (default)")
-    p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL")
+    p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL (default: SHAPES['grpo'], 0.1)")
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="Figure 6: Dr. GRPO")
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
     p.add_argument("--reasoning-base", action="store_true",
                    help="a base stage that also learns the plain-text thought (README, session 7); cold start 20 "
-                        "epochs, GRPO lr 3e-4")
+                        "epochs")
     p.add_argument("--stepwise", action="store_true",
                    help="--reasoning-base with every other thought one step longer (README, session 8)")
     a = p.parse_args(argv)
@@ -706,8 +706,9 @@ def shapes_pipeline(argv):
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
                                          + S["cold"] + ["--epochs", "20"] * a.reasoning_base))  # only the tags are new
+    beta = "" if a.beta is None else "nokl" if a.beta == 0 else f"beta{a.beta:g}"  # a run dir per setting
     name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart), (a.reward, a.reward != "penalty"),
-                                                 ("nokl", a.beta == 0), ("drgrpo", a.loss_type == "dr_grpo"),
+                                                 (beta, bool(beta)), ("drgrpo", a.loss_type == "dr_grpo"),
                                                  ("tgrpo", a.tgrpo)) if on)
     r1 = out / name
     grpo_args = ["--stage", "grpo", "--init", str((base if a.no_coldstart else cold) / "final"), "--data",
@@ -715,7 +716,6 @@ def shapes_pipeline(argv):
     grpo_args += ["--no-length-reward"] * (a.reward == "format") + ["--no-wrong-penalty"] * (a.reward != "penalty")
     grpo_args += ["--tgrpo"] * a.tgrpo + (["--beta", str(a.beta)] if a.beta is not None else [])
     grpo_args += ["--max-steps", str(a.grpo_steps)] if a.grpo_steps else []
-    grpo_args += ["--lr", "3e-4"] * a.reasoning_base  # 63.2 vs 56.4% at 1e-4, same cold start (README, session 8)
     if not (r1 / "final").exists():
         shutil.rmtree(r1, ignore_errors=True)  # a half-finished run starts over
         stage(f"GRPO ({name})", lambda: main(grpo_args))
@@ -743,16 +743,17 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (about 24 minutes on 2 cores, see README) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (about 25 minutes on 2 cores, see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
-# 1e-3 three seeds gave 59-65% (README, Session 9).
+# 1e-3 three seeds gave 59-65% (README, Session 9). GRPO at lr 3e-4 with beta 0.1 (the paper: 0.01): at
+# 1e-4 GRPO moved too little, at 3e-4 with beta 0.01 it emptied the thoughts (README, Session 10).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "2", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
-              grpo=["--lr", "1e-4", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96", "--ml", "120",
-                    "--max-steps", "200", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
+              grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
+                    "--ml", "120", "--max-steps", "200", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],

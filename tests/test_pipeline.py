@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import train
 
@@ -40,3 +41,8 @@ def test_shapes_pipeline_stepwise_smoke(tmp_path):
     assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
     with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+    # another beta is another GRPO run, in its own folder (not the default run's r1/ reused)
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise", "--beta", "0.5"])
+    assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-beta0.5)"
+    assert torch.load(out / "r1-beta0.5/final/train_state.pt", weights_only=False)["args"]["beta"] == 0.5
+    assert torch.load(out / "r1/final/train_state.pt", weights_only=False)["args"]["beta"] != 0.5
