@@ -670,7 +670,7 @@ def shapes_pipeline(argv):
     p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
     p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
                    help="Figure 5: format reward only / + length reward / + wrong-answer penalty (default)")
-    p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL (default: SHAPES['grpo'], 0.1)")
+    p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL (default: the one in SHAPES['grpo'])")
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="Figure 6: Dr. GRPO")
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
