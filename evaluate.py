@@ -263,8 +263,8 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
             video = model.encode_video(pixels.to(device))
             ids = torch.tensor(M.tokenize_prompt(tok, prompt), device=device)
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + counter[0])
-            out, mask = M.sample(model, ids, video, G=1, max_new_tokens=max_new, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generator=gen)
+            out, mask = M.sample(model, [ids], video[None], G=1, max_new_tokens=max_new, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generators=[gen])
         return M.decode_completions(tok, out, mask)[0]
     return policy
 

@@ -8,10 +8,10 @@ TinyLLaVA-Video (Group-16-512): SigLIP vision tower -> group Perceiver resampler
       -> language model (Qwen2ForCausalLM)                                    logits
 
 Also here: loading and saving checkpoints in the released layout (SPEC.md s2), a tiny preset and a
-tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode the video
-once, prefill the prompt once, copy the KV cache G times, decode all G rows together.
+tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
+once, prefill each prompt once, copy its KV cache G times, decode all prompts' G rows together.
 
-Try:  python model.py bench      (our sampler vs HF generate(), one rollout group on CPU)
+Try:  python model.py bench      (our sampler vs HF generate(); 8 prompts one by one vs together; CPU)
 """
 import json
 import math
@@ -514,39 +514,55 @@ def decode_completions(tokenizer, ids, mask):
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, video_embeds, G=8, max_new_tokens=512, temperature=1.0, top_k=50,
-           top_p=1.0, eos_id=None, generator=None):
-    """Draw G completions of one prompt about one video.
+def sample(model, prompts, videos, G=8, max_new_tokens=512, temperature=1.0, top_k=50, top_p=1.0,
+           eos_id=None, generators=None):
+    """Draw G completions for each of B prompts, each prompt about its own video, decoding all B x G
+    rows together (one forward per new token, whatever B is).
 
-    The video is encoded once (video_embeds), the prompt is prefilled once, and its KV cache is copied
-    G times; then all G rows decode together, token by token. A row stops at its first eos (later
-    positions are filled with eos and masked out); all stop at max_new_tokens.
+    Prefill: each prompt gets its video spliced in, the B sequences are LEFT-padded to one length (so
+    every row's next token goes in the same column; the padding is masked out and the positions count
+    from each row's first real token), and run once; the KV cache is then copied G times per prompt.
+    Decode: token by token; a row stops at its first eos (later positions are filled with eos and
+    masked out); all stop when every row has, or at max_new_tokens. Prompt b's draws come from its own
+    generator and are discarded once its rows are done, so they do not depend on the other prompts in
+    the batch: a batch gives each prompt the completions it would get alone (up to float rounding).
 
     Args:
-        prompt_ids: long (P,) with one -200.  video_embeds: (Q, D) connector outputs.
-        temperature: 0 means greedy.  top_k: 0 means no top-k.  generator: torch.Generator on the
-            model's device, for reproducible sampling.
-    Returns: (ids long (G, L), mask long (G, L)) with L <= max_new_tokens; mask from completion_mask.
+        prompts: list of B long (P_b,), each with one -200.  videos: (B, Q, D) connector outputs.
+        temperature: 0 means greedy.  top_k: 0 means no top-k.
+        generators: None (the global RNG) or a list of B torch.Generator on the model's device.
+    Returns: (ids long (B*G, L), mask long (B*G, L)), rows b*G .. b*G + G - 1 for prompt b; L <=
+        max_new_tokens; mask from completion_mask.
     """
     lm = model.language_model
     eos_id = lm.config.eos_token_id if eos_id is None else eos_id
-    prompt = prompt_ids.to(video_embeds.device)[None]
-    embeds, _, _ = model.splice(prompt, torch.ones_like(prompt), video_embeds[None])   # (1, P', D)
+    B, gens = len(prompts), generators or [None] * len(prompts)
+    rows = [model.splice(p.to(videos.device)[None], torch.ones(1, len(p), device=videos.device), v[None])[0][0]
+            for p, v in zip(prompts, videos)]                                # B x (P'_b, D)
+    n = max(len(r) for r in rows)
+    embeds = torch.stack([F.pad(r, (0, 0, n - len(r), 0)) for r in rows])   # (B, n, D), left-padded
+    attn = torch.stack([(torch.arange(n, device=videos.device) >= n - len(r)).long() for r in rows])
+    pos = (attn.cumsum(1) - 1).clamp(min=0)                                 # each row counts from 0
     cache = DynamicCache()
-    logits = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1]  # prefill once
-    cache.batch_repeat_interleave(G)                           # the prompt's KV cache, G copies
-    logits = logits.expand(G, -1)                              # (G, V)
-    done = torch.zeros(G, dtype=torch.bool, device=logits.device)
+    logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True).logits[:, -1]                              # prefill once per prompt
+    cache.batch_repeat_interleave(G)                                       # each prompt's KV cache, G copies
+    logits, attn = logits.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)   # (B*G, V), (B*G, n)
+    pos = pos[:, -1:].repeat_interleave(G, 0)                              # (B*G, 1): the last position
+    done = torch.zeros(B * G, dtype=torch.bool, device=logits.device)
     tokens = []
     for _ in range(max_new_tokens):
-        nxt = pick_tokens(logits.float(), temperature, top_k, top_p, generator)  # (G,)
+        nxt = torch.cat([pick_tokens(l.float(), temperature, top_k, top_p, g)
+                         for l, g in zip(logits.split(G), gens)])                 # (B*G,)
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         tokens.append(nxt)
         done |= nxt == eos_id
         if done.all():
             break
-        logits = lm(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1]  # decode
-    ids = torch.stack(tokens, 1)                               # (G, L)
+        attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
+        logits = lm(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True).logits[:, -1]                              # decode
+    ids = torch.stack(tokens, 1)                                               # (B*G, L)
     return ids, completion_mask(ids, eos_id)
 
 
@@ -594,17 +610,11 @@ def bench(G=8, new_tokens=128, prompt_len=64):
             lm.generate(inputs_embeds=embeds, do_sample=True, top_k=50, max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens, num_return_sequences=G, **never)
         def ours():
-            sample(model, prompt, model.encode_video(pixels), G=G, max_new_tokens=new_tokens, eos_id=-1,
-                   generator=torch.Generator().manual_seed(0))
-        times = {}
-        for name, fn in (("reference: 8 x generate(batch 1)", reference_way),
-                         ("generate(num_return_sequences=8)", hf_batched), ("ours: sample()", ours)):
-            runs = []
-            for _ in range(2):  # best of two
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            times[name] = min(runs)
+            sample(model, [prompt], model.encode_video(pixels)[None], G=G, max_new_tokens=new_tokens, eos_id=-1,
+                   generators=[torch.Generator().manual_seed(0)])
+        times = {name: best_of_two(fn) for name, fn in (("reference: 8 x generate(batch 1)", reference_way),
+                                                         ("generate(num_return_sequences=8)", hf_batched),
+                                                         ("ours: sample()", ours))}
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"one rollout group: G={G}, {new_tokens} new tokens, {prompt_len}-token prompt + 16 frames "
           f"({cfg.num_queries} video tokens), best of 2, "
@@ -614,9 +624,41 @@ def bench(G=8, new_tokens=128, prompt_len=64):
         print(f"  {name:36s} {t:7.2f} s   {t / base:5.2f}x ours")
 
 
+@torch.no_grad()
+def bench_prompts(B=8, G=8, new_tokens=64):
+    """Times the rollout of the shapes pipeline's GRPO step on CPU (tiny preset, B prompts x G): one
+    `sample` call per prompt against one call for all B (left-padded: the prompts differ in length).
+    Same seeds, so both make the same tokens; no early stop, so the same number of them."""
+    torch.manual_seed(0)
+    model = TinyLlavaVideo(tiny_config(600)).eval()
+    prompts = [torch.randint(1, 600, (40 + 3 * b,)) for b in range(B)]
+    for p in prompts:
+        p[5] = IMAGE_TOKEN_INDEX
+    videos = torch.stack([model.encode_video(torch.randn(16, 3, 32, 32)) for _ in range(B)])
+    seeds = lambda: [torch.Generator().manual_seed(b) for b in range(B)]
+    one_by_one = lambda: torch.cat([sample(model, [p], v[None], G, new_tokens, eos_id=-1, generators=[g])[0]
+                                    for p, v, g in zip(prompts, videos, seeds())])
+    together = lambda: sample(model, prompts, videos, G, new_tokens, eos_id=-1, generators=seeds())[0]
+    assert torch.equal(one_by_one(), together())
+    apart, batched = best_of_two(one_by_one), best_of_two(together)
+    print(f"{B} prompts x G={G}, {new_tokens} new tokens, tiny preset, CPU, {torch.get_num_threads()} threads, best of 2:"
+          f" one sample() per prompt {apart:.2f} s, one for all {batched:.2f} s: {apart / batched:.2f}x")
+
+
+def best_of_two(fn):
+    """The shorter of two timed calls of fn(), in seconds."""
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return min(runs)
+
+
 if __name__ == "__main__":
     import sys
     if sys.argv[1:] == ["bench"]:
         bench()
+        bench_prompts()
     else:
         print(__doc__)

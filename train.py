@@ -143,9 +143,9 @@ def all_sum(values, device):
     return t.tolist()
 
 
-def seeded(*key):
-    """A torch.Generator whose state is a function of the key (seed, step, prompt index, ...)."""
-    return torch.Generator().manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
+def seeded(*key, device="cpu"):
+    """A torch.Generator on `device` whose state is a function of the key (seed, step, prompt index, ...)."""
+    return torch.Generator(device).manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
 
 
 # -----------------------------------------------------------------------------
@@ -291,57 +291,92 @@ def batch_indices(n_items, step, per_rank, rank, world, seed):
 # -----------------------------------------------------------------------------
 # One GRPO step
 
-def rollout(model, ref_model, tok, sample, pixels, args, step, index, device):
-    """Sample G completions for one prompt and score them. Returns a dict with the group's tensors
-    (ids, mask, advantages, ref/old log-probs) and its metrics, or a zero-weight dummy group when
-    the video could not be read (same passes, no gradient, so ranks stay in step)."""
-    prompt_text = data.chat_prompt(data.build_question(sample.question, "reason"))
-    prompt = torch.tensor(M.tokenize_prompt(tok, prompt_text), device=device)
-    eos = tok.eos_token_id
-    if pixels is None:  # zero-weight group: a blank video and one eos token per row
-        pixels = torch.zeros(args.num_frames, 3, model.cfg.image_size, model.cfg.image_size)
-        ids = torch.full((args.G, 1), eos, device=device)
-        return dict(prompt=prompt, pixels=pixels.to(device), ids=ids, mask=torch.ones_like(ids),
-                    adv=torch.zeros(args.G, device=device), weight=0.0, metrics=None, old_logp=None,
-                    ref_logp=torch.zeros(ids.shape, device=device))
-    pixels = pixels.to(device)
-    letters = data.option_letters(sample.question)
+def rollouts(model, ref_model, tok, samples, pixels, args, step, global_idx, device):
+    """Sample G completions for each of this rank's prompts and score them. The prompts decode
+    together (one M.sample call); prompt i draws from its own generator, seeded by its place in the
+    global batch (global_idx[i]), so its completions do not depend on the number of ranks.
+    Returns one dict per prompt: the group's tensors (ids, mask, advantages, ref/old log-probs) and
+    metrics, or a zero-weight dummy group where the video could not be read (same passes, no
+    gradient, so ranks stay in step)."""
+    prompts = [torch.tensor(M.tokenize_prompt(tok, data.chat_prompt(data.build_question(s.question, "reason"))),
+                            device=device) for s in samples]
+    live = [i for i, px in enumerate(pixels) if px is not None]
+    eos, shuffled_acc = tok.eos_token_id, {}
     with torch.no_grad(), autocast(device), Gathered(model):
-        feats = model.vision_tower(pixels)                          # (T, P, Dv), once per prompt
-        video = model.connector(feats)                              # (Q, D)
-        ids, mask = M.sample(model, prompt, video, G=args.G, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
-                             generator=seeded(args.seed, step, index, "sample"))
-        texts = M.decode_completions(tok, ids, mask)
-        r = torch.tensor([score(t, sample.answer, args, letters) for t in texts])
-        acc = torch.tensor([rewards.accuracy_reward(t, sample.answer, options=letters) for t in texts])
-        fmt = torch.tensor([rewards.format_reward(t, args.ml, length_reward=not args.no_length_reward) for t in texts])
-        bonus = torch.zeros(args.G)
+        feats = [model.vision_tower(pixels[i].to(device)) for i in live]          # (T, P, Dv), once per prompt
+        keys = [(args.seed, step, global_idx[i]) for i in live]
+        live_prompts = [prompts[i] for i in live]
+        drawn = dict(zip(live, sample_groups(model, live_prompts, feats, args.G, args, keys, "sample", eos)))
         if args.tgrpo:  # Video-R1: G/2 completions on shuffled frames, no gradient through them
-            perm = torch.randperm(feats.shape[0], generator=seeded(args.seed, step, index, "shuffle"))
-            shuffled = model.connector(feats[perm.to(device)])
-            sids, smask = M.sample(model, prompt, shuffled, G=args.G // 2, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
-                                   generator=seeded(args.seed, step, index, "sample-shuffled"))
-            sacc = [rewards.accuracy_reward(t, sample.answer, options=letters)
-                    for t in M.decode_completions(tok, sids, smask)]
-            bonus = torch.tensor(rewards.temporal_bonus(acc.tolist(), sacc, args.tgrpo_alpha, args.tgrpo_mu))
-        total = r + bonus
-        adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo", noise_std=args.noise_std,
-                                    generator=seeded(args.seed, step, index, "noise"))
-    out = dict(prompt=prompt, pixels=pixels, ids=ids, mask=mask, adv=adv.to(device), weight=1.0, ref_logp=None, old_logp=None)
+            perms = [torch.randperm(len(f), generator=seeded(*k, "shuffle")).to(device) for f, k in zip(feats, keys)]
+            shuffled = sample_groups(model, live_prompts, [f[p] for f, p in zip(feats, perms)], args.G // 2, args,
+                                     keys, "sample-shuffled", eos)
+            for i, (ids, mask) in zip(live, shuffled):
+                letters = data.option_letters(samples[i].question)
+                shuffled_acc[i] = [rewards.accuracy_reward(t, samples[i].answer, options=letters)
+                                   for t in M.decode_completions(tok, ids, mask)]
+    groups = []
+    for i, (sample, prompt) in enumerate(zip(samples, prompts)):
+        if i not in drawn:
+            groups.append(dummy_group(model, prompt, args, eos, device))
+            continue
+        ids, mask = drawn[i]
+        groups.append(score_group(model, ref_model, tok, sample, prompt, pixels[i], ids, mask, shuffled_acc.get(i),
+                                  args, (args.seed, step, global_idx[i]), device))
+    return groups
+
+
+def sample_groups(model, prompts, feats, G, args, keys, name, eos):
+    """M.sample for a batch of prompts (frame features feats[b]: (T, P, Dv)), split back into one
+    (ids (G, L_b), mask (G, L_b)) per prompt, each cut to its own longest completion."""
+    if not prompts:
+        return []
+    videos = torch.stack([model.connector(f) for f in feats])                   # (B, Q, D)
+    ids, mask = M.sample(model, prompts, videos, G=G, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
+                         generators=[seeded(*k, name, device=videos.device) for k in keys])
+    groups = []
+    for ids_b, mask_b in zip(ids.split(G), mask.split(G)):
+        L = int(mask_b.sum(1).max())
+        groups.append((ids_b[:, :L], mask_b[:, :L]))
+    return groups
+
+
+def score_group(model, ref_model, tok, sample, prompt, pixels, ids, mask, shuffled_acc, args, key, device):
+    """Rewards, advantages (eq. 2), reference/old log-probs and metrics of one prompt's G completions."""
+    letters = data.option_letters(sample.question)
+    texts = M.decode_completions(tok, ids, mask)
+    r = torch.tensor([score(t, sample.answer, args, letters) for t in texts])
+    acc = torch.tensor([rewards.accuracy_reward(t, sample.answer, options=letters) for t in texts])
+    fmt = torch.tensor([rewards.format_reward(t, args.ml, length_reward=not args.no_length_reward) for t in texts])
+    bonus = torch.zeros(args.G)
+    if shuffled_acc is not None:  # T-GRPO
+        bonus = torch.tensor(rewards.temporal_bonus(acc.tolist(), shuffled_acc, args.tgrpo_alpha, args.tgrpo_mu))
+    total = r + bonus
+    adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo", noise_std=args.noise_std,
+                                generator=seeded(*key, "noise"))
+    pixels = pixels.to(device)
+    out = dict(prompt=prompt, pixels=pixels, ids=ids, mask=mask, adv=adv.to(device), weight=1.0, ref_logp=None,
+               old_logp=None)
     with torch.no_grad(), autocast(device):
         if ref_model is not None:
             out["ref_logp"] = ref_model.completion_logprobs(prompt, ref_model.encode_video(pixels), ids)
         if args.num_iterations > 1:
             out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
-    lengths = mask.sum(1).float()
-    out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=lengths.tolist(),
+    out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=mask.sum(1).float().tolist(),
                           bonus=bonus.tolist(),  # T-GRPO's temporal reward (0 without --tgrpo)
                           well_formed=(fmt > 0).tolist(),  # FR > 0 exactly when the format rule holds (eq. 3)
                           think_chars=[rewards.think_length(t) for t in texts],
                           text=texts[0], text_reward=float(total[0]), answer=sample.answer)
     return out
+
+
+def dummy_group(model, prompt, args, eos, device):
+    """A zero-weight group for a prompt whose video failed: a blank video, one eos token per row."""
+    pixels = torch.zeros(args.num_frames, 3, model.cfg.image_size, model.cfg.image_size, device=device)
+    ids = torch.full((args.G, 1), eos, device=device)
+    return dict(prompt=prompt, pixels=pixels, ids=ids, mask=torch.ones_like(ids), adv=torch.zeros(args.G, device=device),
+                weight=0.0, metrics=None, old_logp=None, ref_logp=torch.zeros(ids.shape, device=device))
 
 
 def score(text, answer, args, letters):
@@ -620,8 +655,7 @@ def main(argv=None):
 def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, device, update):
     """Rollouts for this rank's prompts, then the backward passes of eq. (1); with --num-iterations k,
     k updates on the same rollouts (all but the last made here, by `update`). Returns the log row."""
-    groups = [rollout(model, ref_model, tok, s, px, args, step, gi, device)
-              for s, px, gi in zip(samples, pixels, global_idx)]
+    groups = rollouts(model, ref_model, tok, samples, pixels, args, step, global_idx, device)
     n_seq = len(groups) * args.G
     losses, stats = [], []
     for it in range(args.num_iterations):

@@ -165,11 +165,12 @@ def greedy_slow(m, prompt, video, steps):
     return out
 
 
-def test_incremental_decoding_equals_full_forward(tiny):
-    m, _, prompt, pixels = tiny
+def test_incremental_decoding_equals_full_forward(tiny, sharp):
+    _, _, prompt, pixels = tiny
+    m = sharp
     with torch.no_grad():
         video = m.encode_video(pixels)
-        ids, mask = M.sample(m, prompt, video, G=3, max_new_tokens=12, temperature=0, eos_id=-1)
+        ids, mask = M.sample(m, [prompt], video[None], G=3, max_new_tokens=12, temperature=0, eos_id=-1)
         assert ids.shape == (3, 12) and mask.all()
         assert ids[0].tolist() == ids[2].tolist() == greedy_slow(m, prompt, video, 12)
         # the log-probs of one batched forward equal the step-by-step ones
@@ -274,9 +275,42 @@ def test_save_is_atomic(tiny, tmp_path, monkeypatch):
 def test_sampler_is_deterministic_under_a_seed(tiny):
     m, _, prompt, pixels = tiny
     video = m.encode_video(pixels).detach()
-    run = lambda s: M.sample(m, prompt, video, G=4, max_new_tokens=10, eos_id=-1,
-                             generator=torch.Generator().manual_seed(s))[0]
+    run = lambda s: M.sample(m, [prompt], video[None], G=4, max_new_tokens=10, eos_id=-1,
+                             generators=[torch.Generator().manual_seed(s)])[0]
     assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny):
+    """The tiny model with initial weights of std 0.2 instead of 0.02: its next token depends strongly
+    on the context (at 0.02 an unmasked pad moves the logits by ~1% of their spread), so a test sees a
+    wrong position or a pad that leaks into attention."""
+    _, tok, _, _ = tiny
+    cfg = M.tiny_config(len(tok))
+    cfg.text_config["initializer_range"] = 0.2
+    torch.manual_seed(0)
+    return M.TinyLlavaVideo(cfg).eval()
+
+
+def test_a_batch_of_prompts_samples_what_each_prompt_would_alone(tiny, sharp):
+    # Three prompts of different lengths (left-padded in the batch), three videos, one seed each:
+    # the batched rows equal three separate calls, sampled and greedy.
+    _, tok, prompt, pixels = tiny
+    m = sharp
+    prompts = [prompt, torch.tensor(M.tokenize_prompt(tok, "USER: <image>\nthe ASSISTANT: so the answer is")),
+               torch.tensor(M.tokenize_prompt(tok, "<image>"))]
+    assert len({len(p) for p in prompts}) == 3
+    videos = torch.stack([m.encode_video(pixels), m.encode_video(-pixels), m.encode_video(pixels.flip(0))]).detach()
+    seeds = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+    for temperature in (1.0, 0):
+        ids, mask = M.sample(m, prompts, videos, G=4, max_new_tokens=10, temperature=temperature, eos_id=-1,
+                             top_k=0, generators=seeds())
+        assert ids.shape == (12, 10) and mask.all()
+        for b, (p, g) in enumerate(zip(prompts, seeds())):
+            alone, _ = M.sample(m, [p], videos[b:b + 1], G=4, max_new_tokens=10, temperature=temperature,
+                                eos_id=-1, top_k=0, generators=[g])
+            assert torch.equal(ids[4 * b:4 * b + 4], alone)
+    assert ids[0].tolist() == greedy_slow(m, prompts[0], videos[0], 10)  # the last call was greedy
 
 
 def test_top_k_top_p_on_a_hand_made_distribution():
@@ -299,15 +333,15 @@ def test_eos_handling(tiny):
         [[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]
     m, _, prompt, pixels = tiny
     video = m.encode_video(pixels).detach()
-    greedy = M.sample(m, prompt, video, G=2, max_new_tokens=12, temperature=0, eos_id=-1)[0][0].tolist()
+    greedy = M.sample(m, [prompt], video[None], G=2, max_new_tokens=12, temperature=0, eos_id=-1)[0][0].tolist()
     # make the first greedy token the eos: every row stops there, and so does the loop
     eos = greedy[0]
-    ids, mask = M.sample(m, prompt, video, G=2, max_new_tokens=12, temperature=0, eos_id=eos)
+    ids, mask = M.sample(m, [prompt], video[None], G=2, max_new_tokens=12, temperature=0, eos_id=eos)
     assert ids.tolist() == [[eos], [eos]] and mask.tolist() == [[1], [1]]
     # sampled rows that end at different times: after its eos a row holds only eos, masked out
     # Same seed, same draws until a row meets the eos: a token row 0 drew at step 2 ends that row.
-    draw = lambda e: M.sample(m, prompt, video, G=16, max_new_tokens=6, eos_id=e, top_k=0,
-                              generator=torch.Generator().manual_seed(0))
+    draw = lambda e: M.sample(m, [prompt], video[None], G=16, max_new_tokens=6, eos_id=e, top_k=0,
+                              generators=[torch.Generator().manual_seed(0)])
     eos = int(draw(-1)[0][0, 2])
     ids, mask = draw(eos)
     ended = 0
