@@ -533,10 +533,14 @@ def sample(model, prompts, videos, G=8, max_new_tokens=512, temperature=1.0, top
         generators: None (the global RNG) or a list of B torch.Generator on the model's device.
     Returns: (ids long (B*G, L), mask long (B*G, L)), rows b*G .. b*G + G - 1 for prompt b; L <=
         max_new_tokens; mask from completion_mask.
+    Raises: ValueError if the numbers of prompts, videos and generators differ, or (splice) if a
+        prompt holds no -200 or more than one.
     """
     lm = model.language_model
     eos_id = lm.config.eos_token_id if eos_id is None else eos_id
     B, gens = len(prompts), generators or [None] * len(prompts)
+    if not B == len(videos) == len(gens):
+        raise ValueError(f"{B} prompts, {len(videos)} videos and {len(gens)} generators: need one of each per prompt")
     rows = [model.splice(p.to(videos.device)[None], torch.ones(1, len(p), device=videos.device), v[None])[0][0]
             for p, v in zip(prompts, videos)]                                # B x (P'_b, D)
     n = max(len(r) for r in rows)

@@ -311,6 +311,8 @@ def test_a_batch_of_prompts_samples_what_each_prompt_would_alone(tiny, sharp):
                                 eos_id=-1, top_k=0, generators=[g])
             assert torch.equal(ids[4 * b:4 * b + 4], alone)
     assert ids[0].tolist() == greedy_slow(m, prompts[0], videos[0], 10)  # the last call was greedy
+    with pytest.raises(ValueError, match="3 prompts, 2 videos"):
+        M.sample(m, prompts, videos[:2], G=2, max_new_tokens=2)
 
 
 def test_top_k_top_p_on_a_hand_made_distribution():
