@@ -300,29 +300,26 @@ def rollouts(model, ref_model, tok, samples, pixels, args, step, global_idx, dev
     gradient, so ranks stay in step)."""
     prompts = [torch.tensor(M.tokenize_prompt(tok, data.chat_prompt(data.build_question(s.question, "reason"))),
                             device=device) for s in samples]
+    pixels = [None if px is None else px.to(device) for px in pixels]  # once: sampling and scoring both use it
+    keys = [(args.seed, step, gi) for gi in global_idx]
     live = [i for i, px in enumerate(pixels) if px is not None]
-    eos, shuffled_acc = tok.eos_token_id, {}
+    eos, shuffled = tok.eos_token_id, {}
     with torch.no_grad(), autocast(device), Gathered(model):
-        feats = [model.vision_tower(pixels[i].to(device)) for i in live]          # (T, P, Dv), once per prompt
-        keys = [(args.seed, step, global_idx[i]) for i in live]
-        live_prompts = [prompts[i] for i in live]
-        drawn = dict(zip(live, sample_groups(model, live_prompts, feats, args.G, args, keys, "sample", eos)))
+        feats = [model.vision_tower(pixels[i]) for i in live]                     # (T, P, Dv), once per prompt
+        live_prompts, live_keys = [prompts[i] for i in live], [keys[i] for i in live]
+        drawn = dict(zip(live, sample_groups(model, live_prompts, feats, args.G, args, live_keys, "sample", eos)))
         if args.tgrpo:  # Video-R1: G/2 completions on shuffled frames, no gradient through them
-            perms = [torch.randperm(len(f), generator=seeded(*k, "shuffle")).to(device) for f, k in zip(feats, keys)]
-            shuffled = sample_groups(model, live_prompts, [f[p] for f, p in zip(feats, perms)], args.G // 2, args,
-                                     keys, "sample-shuffled", eos)
-            for i, (ids, mask) in zip(live, shuffled):
-                letters = data.option_letters(samples[i].question)
-                shuffled_acc[i] = [rewards.accuracy_reward(t, samples[i].answer, options=letters)
-                                   for t in M.decode_completions(tok, ids, mask)]
+            perms = [torch.randperm(len(f), generator=seeded(*k, "shuffle")).to(device)
+                     for f, k in zip(feats, live_keys)]
+            shuffled = dict(zip(live, sample_groups(model, live_prompts, [f[p] for f, p in zip(feats, perms)],
+                                                    args.G // 2, args, live_keys, "sample-shuffled", eos)))
     groups = []
     for i, (sample, prompt) in enumerate(zip(samples, prompts)):
         if i not in drawn:
             groups.append(dummy_group(model, prompt, args, eos, device))
             continue
-        ids, mask = drawn[i]
-        groups.append(score_group(model, ref_model, tok, sample, prompt, pixels[i], ids, mask, shuffled_acc.get(i),
-                                  args, (args.seed, step, global_idx[i]), device))
+        groups.append(score_group(model, ref_model, tok, sample, prompt, pixels[i], drawn[i], shuffled.get(i),
+                                  args, keys[i], device))
     return groups
 
 
@@ -342,20 +339,23 @@ def sample_groups(model, prompts, feats, G, args, keys, name, eos):
     return groups
 
 
-def score_group(model, ref_model, tok, sample, prompt, pixels, ids, mask, shuffled_acc, args, key, device):
-    """Rewards, advantages (eq. 2), reference/old log-probs and metrics of one prompt's G completions."""
+def score_group(model, ref_model, tok, sample, prompt, pixels, drawn, shuffled, args, key, device):
+    """Rewards, advantages (eq. 2), reference/old log-probs and metrics of one prompt's G completions:
+    drawn = (ids, mask); shuffled: T-GRPO's (ids, mask) on shuffled frames, or None."""
+    ids, mask = drawn
     letters = data.option_letters(sample.question)
     texts = M.decode_completions(tok, ids, mask)
     r = torch.tensor([score(t, sample.answer, args, letters) for t in texts])
     acc = torch.tensor([rewards.accuracy_reward(t, sample.answer, options=letters) for t in texts])
     fmt = torch.tensor([rewards.format_reward(t, args.ml, length_reward=not args.no_length_reward) for t in texts])
     bonus = torch.zeros(args.G)
-    if shuffled_acc is not None:  # T-GRPO
+    if shuffled is not None:  # T-GRPO
+        shuffled_acc = [rewards.accuracy_reward(t, sample.answer, options=letters)
+                        for t in M.decode_completions(tok, *shuffled)]
         bonus = torch.tensor(rewards.temporal_bonus(acc.tolist(), shuffled_acc, args.tgrpo_alpha, args.tgrpo_mu))
     total = r + bonus
     adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo", noise_std=args.noise_std,
                                 generator=seeded(*key, "noise"))
-    pixels = pixels.to(device)
     out = dict(prompt=prompt, pixels=pixels, ids=ids, mask=mask, adv=adv.to(device), weight=1.0, ref_logp=None,
                old_logp=None)
     with torch.no_grad(), autocast(device):
@@ -363,7 +363,8 @@ def score_group(model, ref_model, tok, sample, prompt, pixels, ids, mask, shuffl
             out["ref_logp"] = ref_model.completion_logprobs(prompt, ref_model.encode_video(pixels), ids)
         if args.num_iterations > 1:
             out["old_logp"] = model.completion_logprobs(prompt, model.encode_video(pixels), ids)
-    out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(), length=mask.sum(1).float().tolist(),
+    out["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(),
+                          length=mask.sum(1).float().tolist(),
                           bonus=bonus.tolist(),  # T-GRPO's temporal reward (0 without --tgrpo)
                           well_formed=(fmt > 0).tolist(),  # FR > 0 exactly when the format rule holds (eq. 3)
                           think_chars=[rewards.think_length(t) for t in texts],
@@ -375,8 +376,9 @@ def dummy_group(model, prompt, args, eos, device):
     """A zero-weight group for a prompt whose video failed: a blank video, one eos token per row."""
     pixels = torch.zeros(args.num_frames, 3, model.cfg.image_size, model.cfg.image_size, device=device)
     ids = torch.full((args.G, 1), eos, device=device)
-    return dict(prompt=prompt, pixels=pixels, ids=ids, mask=torch.ones_like(ids), adv=torch.zeros(args.G, device=device),
-                weight=0.0, metrics=None, old_logp=None, ref_logp=torch.zeros(ids.shape, device=device))
+    return dict(prompt=prompt, pixels=pixels, ids=ids, mask=torch.ones_like(ids),
+                adv=torch.zeros(args.G, device=device), weight=0.0, metrics=None, old_logp=None,
+                ref_logp=torch.zeros(ids.shape, device=device))
 
 
 def score(text, answer, args, letters):
@@ -779,8 +781,9 @@ def shapes_pipeline(argv):
 
 # Sizes of the pipeline: the full run (about 23 minutes on 2 cores, see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
-# 1e-3 three seeds gave 59-65% (README, Session 9); 3 epochs instead of 2: 84.4% (README, Session 11). GRPO at lr 3e-4 with beta 0.1 (the paper: 0.01): at
-# 1e-4 GRPO moved too little, at 3e-4 with beta 0.01 it emptied the thoughts (README, Session 10).
+# 1e-3 three seeds gave 59-65% (README, Session 9); 3 epochs instead of 2: 84.4% (README, Session 11).
+# GRPO at lr 3e-4 with beta 0.1 (the paper: 0.01): at 1e-4 GRPO moved too little, at 3e-4 with beta 0.01
+# it emptied the thoughts (README, Session 10).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
