@@ -171,36 +171,51 @@ def judge(item, completion, mode, guess_unparsed=False, rng=None):
 
 
 def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep="\n", guess_unparsed=False,
-             seed=0, rank=0, world=1, log=print):
-    """Run `policy` on this rank's share of the items, appending one JSON line per item to
-    `<out_path>.rank<r>.jsonl` (items already there are skipped, so a run resumes).
+             seed=0, rank=0, world=1, log=print, batch_size=8):
+    """Run `policy` on this rank's share of the items, `batch_size` items at a time, appending one
+    JSON line per item to `<out_path>.rank<r>.jsonl` (items already there are skipped, so a run
+    resumes). An item whose video cannot be read gets a row with its error; it is not retried.
 
-    policy(pixels float (T, 3, S, S), prompt str) -> completion str.
+    policy(pixels list of float (T, 3, S, S), prompts list of str, keys list of int) -> completions
+    list of str; keys are the items' indices in `items` (what seeds a sampled completion).
     Returns the number of items this rank evaluated now.
     """
     part = Path(f"{out_path}.rank{rank}.jsonl")
     done = {json.loads(l)["id"] for l in part.read_text().splitlines()} if part.exists() else set()
-    mine = [it for k, it in enumerate(items) if k % world == rank and it.id not in done]
+    mine = [(k, it) for k, it in enumerate(items) if k % world == rank and it.id not in done]
     rng = random.Random(seed * 1000 + rank)
-    t0 = time.time()
+    t0, log_every = time.time(), max(1, 20 // batch_size)   # a log line about every 20 items
     with open(part, "a") as f:
-        for n, it in enumerate(mine, 1):
-            row = {"id": it.id, "task": it.task, "answer": it.answer}
-            try:
-                frames = data.load_video(it.video, num_frames, it.start, it.end)
-            except (FileNotFoundError, ValueError) as e:
-                row.update(error=str(e), prediction=None, correct=False, parsed=False, completion=None)
-                log(f"[rank {rank}] video error, item {it.id}: {e}")
-            else:
-                completion = policy(data.preprocess(frames, size), prompt_for(it, mode, reason_sep))
-                pred, correct, parsed = judge(it, completion, mode, guess_unparsed, rng)
-                row.update(prediction=pred, correct=correct, parsed=parsed, completion=completion)
-            f.write(json.dumps(row) + "\n")
+        for b, n in enumerate(range(0, len(mine), batch_size), 1):
+            for row in _evaluate_batch(mine[n:n + batch_size], policy, mode, num_frames, size, reason_sep,
+                                       guess_unparsed, rng, rank, log):
+                f.write(json.dumps(row) + "\n")
             f.flush()
-            if n % 20 == 0 or n == len(mine):
-                rate = n / (time.time() - t0)
-                log(f"[rank {rank}] {n}/{len(mine)} items | {rate:.2f} items/s | eta {(len(mine) - n) / rate / 60:.1f} min")
+            m = min(n + batch_size, len(mine))
+            if b % log_every == 0 or m == len(mine):
+                rate = m / (time.time() - t0)
+                log(f"[rank {rank}] {m}/{len(mine)} items | {rate:.2f} items/s | eta {(len(mine) - m) / rate / 60:.1f} min")
     return len(mine)
+
+
+def _evaluate_batch(batch, policy, mode, num_frames, size, reason_sep, guess_unparsed, rng, rank, log):
+    """The result rows of a batch of (index, item), in order: the clips that load are answered in
+    one policy call, the others get their error."""
+    rows, loaded = [], []
+    for k, it in batch:
+        rows.append({"id": it.id, "task": it.task, "answer": it.answer})
+        try:
+            loaded.append((k, it, rows[-1], data.preprocess(data.load_video(it.video, num_frames, it.start, it.end), size)))
+        except (FileNotFoundError, ValueError) as e:
+            rows[-1].update(error=str(e), prediction=None, correct=False, parsed=False, completion=None)
+            log(f"[rank {rank}] video error, item {it.id}: {e}")
+    if loaded:
+        keys, its, out, pixels = zip(*loaded)
+        completions = policy(list(pixels), [prompt_for(it, mode, reason_sep) for it in its], list(keys))
+        for it, row, completion in zip(its, out, completions):
+            pred, correct, parsed = judge(it, completion, mode, guess_unparsed, rng)
+            row.update(prediction=pred, correct=correct, parsed=parsed, completion=completion)
+    return rows
 
 
 def summarize(bench, rows):
@@ -251,21 +266,21 @@ def task_table(summary):
 # The model as a policy
 
 def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0, top_p=1.0, seed=0):
-    """A policy for evaluate(): encode the frames once, one completion (greedy by default)."""
+    """A policy for evaluate(): a batch of clips and prompts -> one completion each (greedy by
+    default), the batch decoded together by model.sample. Item k draws from a generator seeded with
+    (seed, k), so a sampled completion does not depend on the batch the item lands in."""
     device = next(model.parameters()).device
     max_new = max_new_tokens or (16 if mode == "option" else 512)
-    counter = [0]
 
     @torch.no_grad()
-    def policy(pixels, prompt):
-        counter[0] += 1
+    def policy(pixels, prompts, keys):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            video = model.encode_video(pixels.to(device))
-            ids = torch.tensor(M.tokenize_prompt(tok, prompt), device=device)
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + counter[0])
-            out, mask = M.sample(model, [ids], video[None], G=1, max_new_tokens=max_new, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generators=[gen])
-        return M.decode_completions(tok, out, mask)[0]
+            videos = model.encode_videos([p.to(device) for p in pixels])
+            ids = [torch.tensor(M.tokenize_prompt(tok, p), device=device) for p in prompts]
+            gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + k) for k in keys]
+            out, mask = M.sample(model, ids, videos, G=1, max_new_tokens=max_new, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generators=gens)
+        return M.decode_completions(tok, out, mask)
     return policy
 
 
@@ -292,6 +307,7 @@ def main(argv=None):
                    help="how the reason suffix joins the question: newline (reference eval) or space (RL training)")
     p.add_argument("--guess-unparsed", action="store_true", help="the reference's random guess for unparsed answers")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (a quick look)")
+    p.add_argument("--batch-size", type=int, default=8, help="items decoded together (per rank)")
     args = p.parse_args(argv)
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -306,7 +322,8 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a: None)
     log(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
     evaluate(items, policy, args.mode, args.out, args.num_frames, model.cfg.image_size,
-             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, log)
+             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, log,
+             args.batch_size)
     if world > 1:
         dist.barrier()
     if rank == 0:

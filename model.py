@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import (AutoTokenizer, DynamicCache, Qwen2Config, Qwen2ForCausalLM,
+from transformers import (AutoTokenizer, DynamicCache, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
 
 IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (SPEC.md s1)
@@ -425,7 +425,9 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     model.load_state_dict(state, strict=False)   # lm_head: tied to the embeddings when absent
     model.language_model.tie_weights()
     model.to(dtype)
-    return model, AutoTokenizer.from_pretrained(path)
+    # config=: without it AutoTokenizer reads config.json and warns that model_type "tinyllava" is
+    # unknown; the tokenizer's class comes from tokenizer_config.json either way
+    return model, AutoTokenizer.from_pretrained(path, config=PretrainedConfig())
 
 
 def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 * 2**30, state=None, extra=None):

@@ -1,9 +1,11 @@
 """evaluate.py: hand-made records in each format, a stub policy with known answers, hand-counted accuracies."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import evaluate as E
@@ -16,11 +18,15 @@ def clip(path, n=6):
     return path
 
 
-def stub(answers):
-    """A policy that answers by the question's key, e.g. 'K3' in the prompt -> answers['K3']."""
-    def policy(pixels, prompt):
-        assert pixels.ndim == 4 and pixels.shape[1] == 3
-        return answers[re.search(r"K\d+", prompt).group(0)]
+def stub(answers, calls=None):
+    """A policy that answers by the question's key, e.g. 'K3' in the prompt -> answers['K3'];
+    appends each call's keys to `calls`."""
+    def policy(pixels, prompts, keys):
+        assert len(pixels) == len(prompts) == len(keys)
+        assert all(p.ndim == 4 and p.shape[1] == 3 for p in pixels)
+        if calls is not None:
+            calls.append(keys)
+        return [answers[re.search(r"K\d+", prompt).group(0)] for prompt in prompts]
     return policy
 
 
@@ -138,6 +144,48 @@ def test_unparsed_guess_option_resume_and_sharding(tmp_path):
         E.evaluate(items, stub(answers), "reason", tmp_path / "sh.json", 4, 8, rank=r, world=2, log=lambda *a: None)
     ids = [json.loads(l)["id"] for r in (0, 1) for l in (tmp_path / f"sh.json.rank{r}.jsonl").read_text().splitlines()]
     assert sorted(ids) == sorted(i.id for i in items)
+
+
+def test_batches_keep_item_order_and_a_missing_video_gets_its_own_row(tmp_path):
+    clip(tmp_path / "v.mp4")
+    lines = [json.dumps({"problem": f"K{i} which?\nOptions:\nA. a\nB. b", "solution": "<answer>B</answer>",
+                         "video_filename": "gone.mp4" if i == 3 else "v.mp4"}) for i in range(1, 8)]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines))
+    items = E.load_jsonl(tmp_path / "t.jsonl")
+    answers = {f"K{i}": reason("AB"[i % 2]) for i in range(1, 8)}   # odd keys right
+    results = {}
+    for bs in (1, 3, 8):
+        calls = []
+        out = tmp_path / f"b{bs}.json"
+        E.evaluate(items, stub(answers, calls), "reason", out, 4, 8, log=lambda *a: None, batch_size=bs)
+        rows = [json.loads(l) for l in Path(f"{out}.rank0.jsonl").read_text().splitlines()]
+        assert max(map(len, calls)) <= bs and sum(map(len, calls)) == 6   # the missing clip is not asked
+        if bs == 3:
+            assert calls == [[0, 1], [3, 4, 5], [6]]                         # keys: indices in `items`
+        results[bs] = rows
+    assert results[1] == results[3] == results[8]
+    assert [r["id"] for r in results[3]] == [it.id for it in items]
+    assert "gone.mp4" in results[3][2]["error"] and results[3][2]["correct"] is False
+    assert E.summarize("x", results[3])["score"] == pytest.approx(100 * 3 / 6)   # K1, K5, K7 of the 6 read
+
+
+def test_model_policy_batch_equals_one_at_a_time(tmp_path):
+    # model_policy decodes a batch together; each item's completion (greedy, and sampled with its
+    # own seed) is the one it gets alone.
+    tok = M.build_tokenizer(["the red circle moves left", "Options: A. B. C."] * 10, tmp_path / "tok", vocab_size=280)
+    cfg = M.tiny_config(len(tok))
+    cfg.text_config["initializer_range"] = 0.2   # logits that depend on the context (test_model's `sharp`)
+    torch.manual_seed(0)
+    m = M.TinyLlavaVideo(cfg).eval()
+    S = cfg.vision_config["image_size"]
+    pixels = [torch.randn(4, 3, S, S, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    prompts = [data.chat_prompt(data.build_question(q, "reason")) for q in
+               ("red?", "Which way does the red circle move?\nOptions:\nA. left\nB. right", "A circle?")]
+    for temperature in (0.0, 1.0):
+        policy = E.model_policy(m, tok, "reason", max_new_tokens=12, temperature=temperature, top_k=50, seed=3)
+        together = policy(pixels, prompts, [5, 6, 7])
+        alone = [policy([p], [q], [k])[0] for p, q, k in zip(pixels, prompts, [5, 6, 7])]
+        assert together == alone and len(set(together)) == 3
 
 
 def test_prompts_and_table():
