@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
@@ -87,6 +88,10 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--rehearse", default=None,
+                   help="sft: the previous stage's LLaVA json; each pass over --data comes with --rehearse-ratio "
+                        "times as many of its records, each used once (rehearsal_mix; README, session 12)")
+    p.add_argument("--rehearse-ratio", type=int, default=2, help="rehearsed records per --data sample")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     p.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
     p.add_argument("--num-frames", type=int, default=16)
@@ -105,7 +110,10 @@ def get_args(argv=None):
     p.add_argument("--keep-videos-in-memory", action="store_true",
                    help="decode each clip once (small data sets: the shapes task)")
     p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rehearse and args.stage != "sft":
+        p.error("--rehearse is for the sft stage (a cold start)")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -415,6 +423,23 @@ def grpo_backward(model, group, args, n_sequences, device):
 # -----------------------------------------------------------------------------
 # One SFT step
 
+def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data"):
+    """A cold start that keeps what the previous stage taught (not in the paper; README, session 12):
+    `epochs` copies of `samples` plus `ratio` times as many records of the previous stage's SFT data
+    `old`, drawn without replacement (each used once), to be read as ONE shuffled epoch, so that
+    every batch mixes the new format with the old skills. Without it the tiny shapes model,
+    cold-started for 60 epochs on 16 samples, forgets how to describe a clip (the loss of the base's
+    own descriptions goes 0.31 -> 0.97 nats a token; with ratio 1, 0.38).
+    Returns: list of (1 + ratio) * epochs * len(samples) data.Sample (the samples, then the records).
+    Raises: ValueError if `old` (read from `where`) holds fewer than ratio * epochs * len(samples).
+    """
+    n = ratio * epochs * len(samples)
+    if len(old) < n:
+        raise ValueError(f"{where}: {len(old)} records, fewer than the {n} that {epochs} epochs of "
+                         f"{len(samples)} samples rehearse with at {ratio} each")
+    return samples * epochs + random.Random(seed).sample(old, n)
+
+
 def sft_tensors(tok, sample, device):
     """ids and labels of one cold-start / SFT sample: prompt + target + eos, loss on target + eos only
     (SPEC.md s3). Returns (ids long (n,), labels long (n,))."""
@@ -579,10 +604,14 @@ def main(argv=None):
     # data
     video_root = Path(args.video_root) if args.video_root else Path(args.data).parent
     items = data.read_nextqa_jsonl(args.data, video_root) if args.stage == "grpo" else data.read_llava_json(args.data, video_root)
+    epochs = args.epochs
+    if args.rehearse:
+        old = data.read_llava_json(args.rehearse, Path(args.video_root) if args.video_root else Path(args.rehearse).parent)
+        items, epochs = rehearsal_mix(items, old, args.epochs, args.rehearse_ratio, args.seed, args.rehearse), 1
     per_rank = args.prompts_per_rank if args.stage == "grpo" else args.batch_size
     steps_per_epoch = len(items) // (per_rank * world)
     assert steps_per_epoch > 0, f"{len(items)} samples cannot fill one step of {per_rank} x {world} ranks"
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = steps_per_epoch * epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     videos = VideoLoader(args.num_frames, model.cfg.image_size, args.max_bad_fraction, args.keep_videos_in_memory)
@@ -704,6 +733,8 @@ def shapes_pipeline(argv):
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (the CI test)")
     # the paper's ablations (s4.3), each a GRPO run of its own next to the default one
     p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
+    p.add_argument("--no-rehearsal", action="store_true",
+                   help="the paper's cold start: the 16 samples alone, without the base stage's records")
     p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
                    help="Figure 5: format reward only / + length reward / + wrong-answer penalty (default)")
     p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL (default: the one in SHAPES['grpo'])")
@@ -734,16 +765,23 @@ def shapes_pipeline(argv):
     if any(written.get(k, False) != v for k, v in kind.items()):
         raise ValueError(f"{d} was written for another base stage ({d / 'shapes_args.txt'}: {written}; this run "
                          f"wants {kind}); use another --out")
-    base, cold = out / "base", out / "coldstart"
+    # The cold start rehearses the base stage's records (README, session 12): 4 cold-start samples and 8
+    # records a step, on average. Not with --no-rehearsal (the paper's cold start), nor with
+    # --reasoning-base (measured without it: its base stage already writes the thought).
+    rehearse = not (a.no_rehearsal or a.reasoning_base)
+    base, cold = out / "base", out / ("coldstart" if rehearse or a.reasoning_base else "coldstart-norehearsal")
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
                                         "--out", str(base), "--seed", str(a.seed)] + S["base"]))
     if not (cold / "final").exists():
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
-                                         + S["cold"] + ["--epochs", "20"] * a.reasoning_base))  # only the tags are new
+                                         + S["cold"] + ["--epochs", "20"] * a.reasoning_base  # only the tags are new
+                                         + (["--rehearse", str(d / "sft.json"), "--rehearse-ratio", "2",
+                                             "--batch-size", "12"] if rehearse else [])))
     beta = "" if a.beta is None else "nokl" if a.beta == 0 else f"beta{a.beta:g}"  # a run dir per setting
-    name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart), (a.reward, a.reward != "penalty"),
+    name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart), ("norehearsal", cold.name != "coldstart"),
+                                                 (a.reward, a.reward != "penalty"),
                                                  (beta, bool(beta)), ("drgrpo", a.loss_type == "dr_grpo"),
                                                  ("tgrpo", a.tgrpo)) if on)
     r1 = out / name

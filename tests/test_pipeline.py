@@ -27,6 +27,12 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert (out / "base/final/model.safetensors").stat().st_mtime == stamp
     assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-nokl-drgrpo)" and "GRPO (r1-nokl-drgrpo)" in res["times"]
     assert (out / "r1-nokl-drgrpo/final/train_state.pt").exists()
+    # the default cold start rehearses the base stage's records; --no-rehearsal is its own cold start
+    assert torch.load(out / "coldstart/final/train_state.pt", weights_only=False)["args"]["rehearse"].endswith("sft.json")
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--no-rehearsal"])
+    assert [r["name"] for r in res["results"][1:]] == ["TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1-norehearsal)"]
+    assert res["results"][1]["model"].endswith("coldstart-norehearsal/final")
+    assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
     # the data on disk was written for the default base stage: the other one needs its own folder
     with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])

@@ -135,6 +135,32 @@ def test_sft_labels_cover_answer_and_eos_only(setup):
     assert labels.tolist() == [-100] * len(prompt) + answer + [tok.eos_token_id]
 
 
+def test_rehearsal_mix_reads_each_sample_once_an_epoch_and_each_record_at_most_once():
+    samples, old = ["s0", "s1", "s2"], [f"o{i}" for i in range(10)]
+    mix = train.rehearsal_mix(samples, old, epochs=2, ratio=1, seed=0)
+    assert mix[:6] == samples * 2
+    assert len(mix) == 12 and len(set(mix[6:])) == 6 and set(mix[6:]) <= set(old)
+    assert train.rehearsal_mix(samples, old, 2, 1, 0) == mix and train.rehearsal_mix(samples, old, 2, 1, 1) != mix
+    mix = train.rehearsal_mix(samples, old, epochs=1, ratio=3, seed=0)
+    assert mix[:3] == samples and len(set(mix[3:])) == 9 and set(mix[3:]) <= set(old)
+    with pytest.raises(ValueError, match="old.json: 10 records, fewer than the 12"):
+        train.rehearsal_mix(samples, old, 2, 2, 0, "old.json")
+
+
+def test_cold_start_with_rehearsal(setup, tmp_path):
+    # 16 cold-start samples x 2 epochs + 32 of sft.json's 72 records, read as one epoch of 8 per step
+    d, init = setup
+    args = ["--stage", "sft", "--init", str(init), "--data", str(d / "coldstart.json"), "--lr", "1e-3", "--quiet",
+            "--batch-size", "8", "--rehearse", str(d / "sft.json"), "--rehearse-ratio", "1"]
+    train.main(args + ["--epochs", "2", "--out", str(tmp_path / "cold")])
+    rows = metrics(tmp_path / "cold")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["skipped"] == 0 for r in rows)
+    with pytest.raises(ValueError, match="sft.json: 72 records, fewer than the 80"):
+        train.main(args + ["--epochs", "5", "--out", str(tmp_path / "too_many")])
+    with pytest.raises(SystemExit):   # argparse: "--rehearse is for the sft stage"
+        train.main(args[:1] + ["grpo"] + args[2:] + ["--out", str(tmp_path / "grpo")])
+
+
 def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
     d, init = setup
     model, tok = M.from_pretrained(init)
