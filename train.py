@@ -602,11 +602,12 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
     # data
-    video_root = Path(args.video_root) if args.video_root else Path(args.data).parent
-    items = data.read_nextqa_jsonl(args.data, video_root) if args.stage == "grpo" else data.read_llava_json(args.data, video_root)
+    root = lambda file: Path(args.video_root) if args.video_root else Path(file).parent  # the videos' folder
+    items = data.read_nextqa_jsonl(args.data, root(args.data)) if args.stage == "grpo" else data.read_llava_json(
+        args.data, root(args.data))
     epochs = args.epochs
     if args.rehearse:
-        old = data.read_llava_json(args.rehearse, Path(args.video_root) if args.video_root else Path(args.rehearse).parent)
+        old = data.read_llava_json(args.rehearse, root(args.rehearse))
         items, epochs = rehearsal_mix(items, old, args.epochs, args.rehearse_ratio, args.seed, args.rehearse), 1
     per_rank = args.prompts_per_rank if args.stage == "grpo" else args.batch_size
     steps_per_epoch = len(items) // (per_rank * world)
@@ -768,8 +769,8 @@ def shapes_pipeline(argv):
     # The cold start rehearses the base stage's records (README, session 12): 4 cold-start samples and 8
     # records a step, on average. Not with --no-rehearsal (the paper's cold start), nor with
     # --reasoning-base (measured without it: its base stage already writes the thought).
-    rehearse = not (a.no_rehearsal or a.reasoning_base)
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
+    rehearse = not (paper_cold or a.reasoning_base)
     base, cold = out / "base", out / ("coldstart-norehearsal" if paper_cold else "coldstart")
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
