@@ -506,7 +506,7 @@ def describe(scene):
 def colours(scene):
     """Every colour shown in the clip, in COLORS order: e.g. "Red, blue and magenta." Direct colour
     supervision for every clip: with only the QA and the description, the tiny base model barely
-    reads colours (option accuracy 30%; with this record 59%, README)."""
+    reads colours (option accuracy 30%; with this record 59%, NOTES.md)."""
     return _sentence(_listed(_shown(scene)))
 
 
@@ -524,7 +524,7 @@ def _sentence(text):
 
 def observe(scene):
     """A first step that looks before it describes, built on what the tiny model reads well (the
-    colours in a clip, the first and last colour shown) and narrowing the five options down (README,
+    colours in a clip, the first and last colour shown) and narrowing the five options down (NOTES.md,
     session 8). E.g. "The colours are red and blue. The last one seen is blue." """
     objs, q = scene["objects"], scene["qtype"]
     shown = _shown(scene)
@@ -594,7 +594,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                               clip one option-mode QA (answer = the letter), one description of
                               what the question asks about, and the list of its colours; with
                               reasoning_record=True a fourth: the reason-mode prompt answered with
-                              the thought in plain text, no tags (explain(); README, session 7)
+                              the thought in plain text, no tags (explain(); NOTES.md, session 7)
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
         shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
     stepwise=True makes every other thought (reasoning record and cold start) the longer one that

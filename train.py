@@ -90,7 +90,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--rehearse", default=None,
                    help="sft: the previous stage's LLaVA json; each pass over --data comes with --rehearse-ratio "
-                        "times as many of its records, each used once (rehearsal_mix; README, session 12)")
+                        "times as many of its records, each used once (rehearsal_mix; NOTES.md, session 12)")
     p.add_argument("--rehearse-ratio", type=int, default=2, help="rehearsed records per --data sample")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     p.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
@@ -424,7 +424,7 @@ def grpo_backward(model, group, args, n_sequences, device):
 # One SFT step
 
 def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data"):
-    """A cold start that keeps what the previous stage taught (not in the paper; README, session 12):
+    """A cold start that keeps what the previous stage taught (not in the paper; NOTES.md, session 12):
     `epochs` copies of `samples` plus `ratio` times as many records of the previous stage's SFT data
     `old`, drawn without replacement (each used once), to be read as ONE shuffled epoch, so that
     every batch mixes the new format with the old skills. Without it the tiny shapes model,
@@ -489,7 +489,7 @@ def video_gain(model, tok, samples, pixels, device):
     """Is the model reading the video? A diagnostic of ours, not the paper's: the answer loss of this
     batch with each sample given the NEXT sample's video, minus the loss with its own.
     ~0 while the model answers from the text alone (the plateau a model trained from scratch starts
-    on); it grows as the model learns to read the clips (README, Session 9).
+    on); it grows as the model learns to read the clips (NOTES.md, session 9).
     Args: as sft_losses; samples whose pixels are None are left out.
     Returns: (sum over this rank's samples of the loss difference in nats, their answer tokens), two
         floats, so that ranks can be summed before dividing; (0.0, 0.0) with fewer than two videos."""
@@ -743,10 +743,10 @@ def shapes_pipeline(argv):
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
     p.add_argument("--reasoning-base", action="store_true",
-                   help="a base stage that also learns the plain-text thought (README, session 7); cold start 20 "
+                   help="a base stage that also learns the plain-text thought (NOTES.md, session 7); cold start 20 "
                         "epochs")
     p.add_argument("--stepwise", action="store_true",
-                   help="--reasoning-base with every other thought one step longer (README, session 8)")
+                   help="--reasoning-base with every other thought one step longer (NOTES.md, session 8)")
     a = p.parse_args(argv)
     out = Path(a.out)
     S = SMOKE if a.smoke else SHAPES
@@ -766,7 +766,7 @@ def shapes_pipeline(argv):
     if any(written.get(k, False) != v for k, v in kind.items()):
         raise ValueError(f"{d} was written for another base stage ({d / 'shapes_args.txt'}: {written}; this run "
                          f"wants {kind}); use another --out")
-    # The cold start rehearses the base stage's records (README, session 12): 4 cold-start samples and 8
+    # The cold start rehearses the base stage's records (NOTES.md, session 12): 4 cold-start samples and 8
     # records a step, on average. Not with --no-rehearsal (the paper's cold start), nor with
     # --reasoning-base (measured without it: its base stage already writes the thought).
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
@@ -822,11 +822,11 @@ def shapes_pipeline(argv):
 
 # Sizes of the pipeline: the full run (19-23 minutes on 2 cores, see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
-# 1e-3 three seeds gave 59-65% (README, Session 9); 3 epochs instead of 2: 84.4% (README, Session 11).
+# 1e-3 three seeds gave 59-65% (NOTES.md, session 9); 3 epochs instead of 2: 84.4% (NOTES.md, session 11).
 # The cold start's rehearsal (added in shapes_pipeline, which knows the data folder): R1 72.0% against
-# 65.2 without (README, Session 12).
+# 65.2 without (NOTES.md, session 12).
 # GRPO at lr 3e-4 with beta 0.1 (the paper: 0.01): at 1e-4 GRPO moved too little, at 3e-4 with beta 0.01
-# it emptied the thoughts (README, Session 10).
+# it emptied the thoughts (NOTES.md, session 10).
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
