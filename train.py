@@ -603,8 +603,8 @@ def main(argv=None):
 
     # data
     root = lambda file: Path(args.video_root) if args.video_root else Path(file).parent  # the videos' folder
-    items = data.read_nextqa_jsonl(args.data, root(args.data)) if args.stage == "grpo" else data.read_llava_json(
-        args.data, root(args.data))
+    read = data.read_nextqa_jsonl if args.stage == "grpo" else data.read_llava_json
+    items = read(args.data, root(args.data))
     epochs = args.epochs
     if args.rehearse:
         old = data.read_llava_json(args.rehearse, root(args.rehearse))
@@ -770,7 +770,7 @@ def shapes_pipeline(argv):
     # records a step, on average. Not with --no-rehearsal (the paper's cold start), nor with
     # --reasoning-base (measured without it: its base stage already writes the thought).
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
-    rehearse = not (paper_cold or a.reasoning_base)
+    rehearse = not (a.no_rehearsal or a.reasoning_base)
     base, cold = out / "base", out / ("coldstart-norehearsal" if paper_cold else "coldstart")
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
