@@ -726,7 +726,8 @@ def shapes_pipeline(argv):
     (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
-    written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise)."""
+    written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise), or when
+    its base/ was trained for another number of epochs than --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -736,6 +737,8 @@ def shapes_pipeline(argv):
     p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
     p.add_argument("--no-rehearsal", action="store_true",
                    help="the paper's cold start: the 16 samples alone, without the base stage's records")
+    p.add_argument("--base-epochs", type=int, default=None,
+                   help="epochs of the base stage (default: SHAPES['base_epochs']); another value needs another --out")
     p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
                    help="Figure 5: format reward only / + length reward / + wrong-answer penalty (default)")
     p.add_argument("--beta", type=float, default=None, help="Figure 6: 0 = no KL (default: the one in SHAPES['grpo'])")
@@ -772,9 +775,13 @@ def shapes_pipeline(argv):
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
     rehearse = not (a.no_rehearsal or a.reasoning_base)
     base, cold = out / "base", out / ("coldstart-norehearsal" if paper_cold else "coldstart")
+    epochs = a.base_epochs or S["base_epochs"]
     if not (base / "final").exists():
-        stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"),
-                                        "--out", str(base), "--seed", str(a.seed)] + S["base"]))
+        stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out",
+                                        str(base), "--seed", str(a.seed), "--epochs", str(epochs)] + S["base"]))
+    trained = torch.load(base / "final" / "train_state.pt", weights_only=False)["args"]["epochs"]
+    if trained != epochs:
+        raise ValueError(f"{base} was trained for {trained} epochs; this run wants {epochs} (--base-epochs); use another --out")
     if not (cold / "final").exists():
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
@@ -820,24 +827,24 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (19-23 minutes on 2 cores, see README) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (13-20 minutes on 2 cores, see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
 # 1e-3 three seeds gave 59-65% (NOTES.md, session 9); 3 epochs instead of 2: 84.4% (NOTES.md, session 11).
-# 4 epochs (86.4% Option; R1 78.4 and 74.8 over two GRPO seeds, against 72.0 and 66.0) is the next default
-# to try, at ~25 minutes in all (NOTES.md, session 13).
+# 4 epochs (--base-epochs 4) give a better cold start and R1, but GRPO adds less to them and the
+# completions shorten: 3 stays the default, where GRPO shows more of what it does (NOTES.md, session 14).
 # The cold start's rehearsal (added in shapes_pipeline, which knows the data folder): R1 72.0% against
 # 65.2 without (NOTES.md, session 12).
 # GRPO at lr 3e-4 with beta 0.1 (the paper: 0.01): at 1e-4 GRPO moved too little, at 3e-4 with beta 0.01
 # it emptied the thoughts (NOTES.md, session 10).
-SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96},
-              base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--epochs", "3", "--save-every", "100000",
+SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, base_epochs=3,
+              base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
                     "--ml", "120", "--max-steps", "200", "--sample-every", "25", "--save-every", "100000", "--micro-batch", "8",
                     "--keep-videos-in-memory"])
-SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8},
+SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epochs=1,
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",

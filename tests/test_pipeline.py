@@ -36,6 +36,9 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     # the data on disk was written for the default base stage: the other one needs its own folder
     with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+    # so was its base model (1 epoch in the smoke sizes): a longer base stage needs its own folder too
+    with pytest.raises(ValueError, match="trained for 1 epochs; this run wants 2"):
+        train.shapes_pipeline(["--out", str(out), "--smoke", "--base-epochs", "2"])
 
 
 def test_shapes_pipeline_stepwise_smoke(tmp_path):
