@@ -567,11 +567,14 @@ def reasoning(scene, stepwise=False):
 
 
 def write_mp4(frames, path, fps=FPS):
-    """Encode uint8 (T, H, W, 3) RGB frames as H.264 mp4 (yuv420p, crf 12, one thread: deterministic)."""
+    """Encode uint8 (T, H, W, 3) RGB frames as H.264 mp4, yuv420p, lossless (qp 0): the decoded pixels are
+    the frames after the yuv420p conversion, whatever the encoder decides. With crf 12, ~35 of the 2,250
+    shapes clips came out with other pixels (up to 6 levels) on each generation, so two runs of the same
+    pipeline trained on different data (NOTES.md, session 14)."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
+        stream.options = {"qp": "0", "preset": "veryfast", "threads": "1"}
         for f in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode())
