@@ -248,8 +248,11 @@ def test_shapes_dataset(tmp_path):
     assert all(c.target.endswith(f"</think> <answer>{c.answer}</answer>") for c in cold)
     assert all(c.question.endswith(data.REASON_SUFFIX) for c in cold)
     sft = data.read_llava_json(out / "sft.json")
-    assert len(sft) == 150 and sum(s.answer is not None for s in sft) == 50
-    describe, colours = sft[1], sft[2]
+    assert len(sft) == 200 and sum(s.answer is not None for s in sft) == 100  # the option and the tagged QA
+    option, tagged, describe, colours = sft[:4]
+    assert option.question.endswith(data.OPTION_SUFFIX) and option.target == train[0].answer
+    assert tagged.question == option.question.replace(data.OPTION_SUFFIX, data.TAG_SUFFIX)
+    assert tagged.target == f"<answer>{train[0].answer}</answer>" and tagged.answer == train[0].answer
     assert describe.question.startswith(scenes["train"][0]["question"] + "\n")
     shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
     assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
@@ -293,8 +296,9 @@ def test_shapes_letters_balanced_and_text_only_baseline_near_chance():
 
 def test_shapes_reasoning_record(tmp_path):
     # --reasoning-record adds, per clip, the reason prompt answered with the cold-start thought untagged
-    data.generate_shapes(tmp_path / "plain", n_train=20, n_test=5, seed=1)
-    data.generate_shapes(tmp_path / "rb", n_train=20, n_test=5, seed=1, reasoning_record=True)
+    # (without the tagged record, as train.py shapes --reasoning-base writes it)
+    data.generate_shapes(tmp_path / "plain", n_train=20, n_test=5, seed=1, tag_record=False)
+    data.generate_shapes(tmp_path / "rb", n_train=20, n_test=5, seed=1, reasoning_record=True, tag_record=False)
     plain = json.loads((tmp_path / "plain" / "sft.json").read_text())
     rb = json.loads((tmp_path / "rb" / "sft.json").read_text())
     assert len(rb) == 4 * 20 and [r for i, r in enumerate(rb) if i % 4 != 3] == plain
@@ -358,8 +362,9 @@ def test_shapes_stepwise_observation():
 def test_shapes_stepwise_files(tmp_path):
     # --stepwise: every other thought (per type and letter in sft.json, per type in the cold start) is
     # the longer one; the others are exactly the --reasoning-record file's
-    data.generate_shapes(tmp_path / "rb", n_train=40, n_test=5, seed=1, reasoning_record=True)
-    scenes = data.generate_shapes(tmp_path / "sw", n_train=40, n_test=5, seed=1, reasoning_record=True, stepwise=True)
+    data.generate_shapes(tmp_path / "rb", n_train=40, n_test=5, seed=1, reasoning_record=True, tag_record=False)
+    scenes = data.generate_shapes(tmp_path / "sw", n_train=40, n_test=5, seed=1, reasoning_record=True, stepwise=True,
+                                  tag_record=False)
     rb, sw = (json.loads((tmp_path / d / "sft.json").read_text()) for d in ("rb", "sw"))
     for i, (a, b, s) in enumerate(zip(rb[3::4], sw[3::4], scenes["train"])):
         long = b["conversations"][1]["value"] != a["conversations"][1]["value"]

@@ -33,9 +33,13 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert [r["name"] for r in res["results"][1:]] == ["TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1-norehearsal)"]
     assert res["results"][1]["model"].endswith("coldstart-norehearsal/final")
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
-    # the data on disk was written for the default base stage: the other one needs its own folder
-    with pytest.raises(ValueError, match="written for another base stage"):
-        train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
+    # the data on disk was written for the default base stage (with the tagged option QA, 4 records a
+    # clip): another base stage needs its own folder
+    assert json.loads((out / "data/shapes_args.txt").read_text())["tag_record"] is True
+    assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20
+    for other in ("--reasoning-base", "--no-tag-record"):
+        with pytest.raises(ValueError, match="written for another base stage"):
+            train.shapes_pipeline(["--out", str(out), "--smoke", other])
     # so was its base model (1 epoch in the smoke sizes): a longer base stage needs its own folder too
     with pytest.raises(ValueError, match="trained for 1 epochs; this run wants 2"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--base-epochs", "2"])
@@ -47,6 +51,7 @@ def test_shapes_pipeline_stepwise_smoke(tmp_path):
     res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise"])
     assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20  # 20 smoke clips, 4 records each
     assert json.loads((out / "data/shapes_args.txt").read_text())["stepwise"] is True
+    assert json.loads((out / "data/shapes_args.txt").read_text())["tag_record"] is False  # measured without it
     assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
     with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     """A small shapes data set and a tiny model after one SFT step (its starting checkpoint)."""
     d = tmp_path_factory.mktemp("shapes")
-    data.generate_shapes(d, n_train=24, n_test=4, seed=1, workers=1)
+    data.generate_shapes(d, n_train=24, n_test=4, seed=1, workers=1, tag_record=False)  # three records per clip
     init = d / "init"
     train.main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out", str(init),
                 "--max-steps", "1", "--lr", "1e-3", "--quiet"])
