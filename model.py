@@ -12,12 +12,14 @@ tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by ha
 once, prefill each prompt once, copy its KV cache G times, decode all prompts' G rows together.
 
 Try:  python model.py bench      (our sampler vs HF generate(); 8 prompts one by one vs together; CPU)
+      python model.py random-init OUT TOKENIZER_DIR   (a full-size model with random weights, for GPU figures)
 """
 import json
 import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -543,33 +545,47 @@ def sample(model, prompts, videos, G=8, max_new_tokens=512, temperature=1.0, top
     B, gens = len(prompts), generators or [None] * len(prompts)
     if not B == len(videos) == len(gens):
         raise ValueError(f"{B} prompts, {len(videos)} videos and {len(gens)} generators: need one of each per prompt")
-    rows = [model.splice(p.to(videos.device)[None], torch.ones(1, len(p), device=videos.device), v[None])[0][0]
-            for p, v in zip(prompts, videos)]                                # B x (P'_b, D)
-    n = max(len(r) for r in rows)
-    embeds = torch.stack([F.pad(r, (0, 0, n - len(r), 0)) for r in rows])   # (B, n, D), left-padded
-    attn = torch.stack([(torch.arange(n, device=videos.device) >= n - len(r)).long() for r in rows])
-    pos = (attn.cumsum(1) - 1).clamp(min=0)                                 # each row counts from 0
-    cache = DynamicCache()
-    logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                use_cache=True).logits[:, -1]                              # prefill once per prompt
-    cache.batch_repeat_interleave(G)                                       # each prompt's KV cache, G copies
-    logits, attn = logits.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)   # (B*G, V), (B*G, n)
-    pos = pos[:, -1:].repeat_interleave(G, 0)                              # (B*G, 1): the last position
-    done = torch.zeros(B * G, dtype=torch.bool, device=logits.device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        nxt = torch.cat([pick_tokens(l.float(), temperature, top_k, top_p, g)
-                         for l, g in zip(logits.split(G), gens)])                 # (B*G,)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        tokens.append(nxt)
-        done |= nxt == eos_id
-        if done.all():
-            break
-        attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
-        logits = lm(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                    use_cache=True).logits[:, -1]                              # decode
-    ids = torch.stack(tokens, 1)                                               # (B*G, L)
-    return ids, completion_mask(ids, eos_id)
+    # HF's layers drop the KV cache in training mode when gradient checkpointing is on (GRPO's
+    # rollouts run between training steps): decode in eval mode, then restore the caller's mode.
+    with eval_mode(lm):
+        rows = [model.splice(p.to(videos.device)[None], torch.ones(1, len(p), device=videos.device), v[None])[0][0]
+                for p, v in zip(prompts, videos)]                                # B x (P'_b, D)
+        n = max(len(r) for r in rows)
+        embeds = torch.stack([F.pad(r, (0, 0, n - len(r), 0)) for r in rows])   # (B, n, D), left-padded
+        attn = torch.stack([(torch.arange(n, device=videos.device) >= n - len(r)).long() for r in rows])
+        pos = (attn.cumsum(1) - 1).clamp(min=0)                                 # each row counts from 0
+        cache = DynamicCache()
+        logits = lm(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True).logits[:, -1]                              # prefill once per prompt
+        cache.batch_repeat_interleave(G)                                       # each prompt's KV cache, G copies
+        logits, attn = logits.repeat_interleave(G, 0), attn.repeat_interleave(G, 0)   # (B*G, V), (B*G, n)
+        pos = pos[:, -1:].repeat_interleave(G, 0)                              # (B*G, 1): the last position
+        done = torch.zeros(B * G, dtype=torch.bool, device=logits.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            nxt = torch.cat([pick_tokens(l.float(), temperature, top_k, top_p, g)
+                             for l, g in zip(logits.split(G), gens)])                 # (B*G,)
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            tokens.append(nxt)
+            done |= nxt == eos_id
+            if done.all():
+                break
+            attn, pos = F.pad(attn, (0, 1), value=1), pos + 1
+            logits = lm(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                        use_cache=True).logits[:, -1]                              # decode
+        ids = torch.stack(tokens, 1)                                               # (B*G, L)
+        return ids, completion_mask(ids, eos_id)
+
+
+@contextmanager
+def eval_mode(module):
+    """Inside the block `module` is in eval mode; its earlier mode comes back on exit."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def pick_tokens(logits, temperature, top_k, top_p, generator):
@@ -651,6 +667,21 @@ def bench_prompts(B=8, G=8, new_tokens=64):
           f" one sample() per prompt {apart:.2f} s, one for all {batched:.2f} s: {apart / batched:.2f}x")
 
 
+def random_checkpoint(out, tokenizer_dir, device="cpu"):
+    """Write a full-size model (Config(): the released shapes, ~3.7B parameters) with random weights, in
+    bf16 and the released layout, with the tokenizer of `tokenizer_dir` beside it: a stand-in for the
+    release on machines that cannot download it, for speed and memory figures (README, Benchmarks).
+    A shapes run's tokenizer has ~600 ids against the model's 151936 rows; sampled ids past its
+    vocabulary decode to nothing, and eos (id 0) is drawn about once in 151936 tokens, so every
+    completion runs to the token cap: the worst case for time and memory."""
+    torch.manual_seed(0)
+    with torch.device(device):  # a GPU initialises 3.7B parameters in seconds, a CPU in minutes
+        model = TinyLlavaVideo(Config())
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, config=PretrainedConfig())
+    model.cfg.text_config.update(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    save_pretrained(model, out, tok, dtype=torch.bfloat16)
+
+
 def best_of_two(fn):
     """The shorter of two timed calls of fn(), in seconds."""
     runs = []
@@ -666,5 +697,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["bench"]:
         bench()
         bench_prompts()
+    elif sys.argv[1:2] == ["random-init"] and len(sys.argv) == 4:  # python model.py random-init OUT TOKENIZER_DIR
+        random_checkpoint(sys.argv[2], sys.argv[3], "cuda" if torch.cuda.is_available() else "cpu")
     else:
         print(__doc__)

@@ -664,6 +664,8 @@ def main(argv=None):
         dt = time.time() - t0
         row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm, sec=dt,
                    skipped_total=len(videos.bad))
+        if device.type == "cuda":  # this rank's peak since the start: parameters, optimizer, activations
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if is_master():
             with open(metrics_file, "a") as f:
                 f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
@@ -687,7 +689,11 @@ def main(argv=None):
 def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, device, update):
     """Rollouts for this rank's prompts, then the backward passes of eq. (1); with --num-iterations k,
     k updates on the same rollouts (all but the last made here, by `update`). Returns the log row."""
+    t0 = time.time()
     groups = rollouts(model, ref_model, tok, samples, pixels, args, step, global_idx, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+    sec_rollout = time.time() - t0  # sampling and the reference model's log-probs
     n_seq = len(groups) * args.G
     losses, stats = [], []
     for it in range(args.num_iterations):
@@ -710,7 +716,7 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
     row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
            "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
            "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1),
-           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped)}
+           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped), "sec_rollout": sec_rollout}
     if args.tgrpo:  # mean temporal bonus per completion: alpha x the fraction that earned it
         row["rewards/temporal"] = bonus / n
     if ms:
@@ -890,8 +896,10 @@ def format_row(row, total, eta):
         body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"
         body += f" | video gain {row['video_gain']:.3f}" if "video_gain" in row else ""
     skipped = f" | skipped {row['skipped_total']}" if row.get("skipped_total") else ""
-    return (f"step {row['step']:5d}/{total} | {body} | lr {row['lr']:.2e} | {row['sec']:.2f} s/step "
-            f"| eta {eta / 60:.1f} min{skipped}")
+    rollout = f" (rollout {row['sec_rollout']:.2f} s)" if "sec_rollout" in row else ""
+    peak = f" | peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else ""
+    return (f"step {row['step']:5d}/{total} | {body} | lr {row['lr']:.2e} | {row['sec']:.2f} s/step{rollout} "
+            f"| eta {eta / 60:.1f} min{skipped}{peak}")
 
 
 if __name__ == "__main__":

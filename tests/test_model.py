@@ -1,4 +1,5 @@
 """model.py: released layout, connector vs a slow loop, KV-cache decoding, checkpoints, sampler."""
+import copy
 import json
 import math
 
@@ -313,6 +314,20 @@ def test_a_batch_of_prompts_samples_what_each_prompt_would_alone(tiny, sharp):
     assert ids[0].tolist() == greedy_slow(m, prompts[0], videos[0], 10)  # the last call was greedy
     with pytest.raises(ValueError, match="3 prompts, 2 videos"):
         M.sample(m, prompts, videos[:2], G=2, max_new_tokens=2)
+
+
+def test_sampler_keeps_its_kv_cache_under_gradient_checkpointing(tiny, sharp):
+    # GRPO samples from a model in training mode; with gradient checkpointing on, HF's layers drop the
+    # KV cache in training mode, and each new token would attend to itself alone.
+    _, _, prompt, pixels = tiny
+    m = copy.deepcopy(sharp)
+    video = m.encode_video(pixels).detach()
+    want = greedy_slow(m, prompt, video, 8)
+    m.language_model.gradient_checkpointing_enable()
+    m.train()
+    ids, _ = M.sample(m, [prompt], video[None], G=2, max_new_tokens=8, temperature=0, eos_id=-1)
+    assert ids[0].tolist() == want
+    assert m.language_model.training  # the caller's mode comes back
 
 
 def test_top_k_top_p_on_a_hand_made_distribution():
