@@ -268,6 +268,12 @@ def chat_prompt(question):
     return f"{SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
+def chat_turn(question):
+    """A later user turn of a multi-turn conversation in the qwen2_base template (TinyLLaVA's
+    'USER: {content} ' + 'ASSISTANT:'), written right after the previous answer's <|endoftext|>."""
+    return f"USER: {question} ASSISTANT:"
+
+
 # -----------------------------------------------------------------------------
 # 4. Data set readers (SPEC.md s6)
 
@@ -277,6 +283,7 @@ class Sample:
     question: str        # the problem: question text with its lettered options (no answer suffix)
     answer: str | None   # the label letter ("A".."E"), None when the record has no letter
     target: str | None = None  # the full supervised response (SFT / cold start), else None
+    history: tuple = ()  # a multi-turn record's earlier (question, response) turns, oldest first
 
 
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
@@ -311,10 +318,12 @@ def read_nextqa_jsonl(path, root=None):
 def read_llava_json(path, root=None):
     """Read LLaVA-style conversations (the cold-start file and our SFT files): a JSON list of
     {"video": relpath, "conversations": [{"from": "human", "value": "<image>\\n..."},
-    {"from": "gpt", "value": "..."}]}. The human text loses its "<image>\\n" prefix.
+    {"from": "gpt", "value": "..."}, ...]}: human and gpt turns alternating, one pair or more, as in
+    LLaVA-Video-178K. The first human text loses its "<image>\\n" prefix.
 
-    Returns: list[Sample] with `target` = the gpt text and `answer` = the letter inside its
-    <answer> tag (or the whole text if it is one letter), else None.
+    Returns: list[Sample] with `question` / `target` = the last human / gpt text, `history` = the
+    earlier (human, gpt) pairs, and `answer` = the letter inside the last gpt text's <answer> tag (or
+    that whole text if it is one letter), else None.
     Raises: ValueError naming the file, record index and field of a malformed record.
     """
     path = Path(path)
@@ -329,16 +338,22 @@ def read_llava_json(path, root=None):
     for i, rec in enumerate(records):
         where = f"{path}: record {i}"
         turns = _field(rec, "conversations", where, list)
-        if len(turns) != 2 or [t.get("from") for t in turns] != ["human", "gpt"]:
-            raise ValueError(f"{where}: field 'conversations' must be one human turn then one gpt turn")
-        human = _field(turns[0], "value", where + " human turn")
-        if not human.startswith(IMAGE_TOKEN):
-            raise ValueError(f"{where}: human turn must start with {IMAGE_TOKEN!r}")
-        target = _field(turns[1], "value", where + " gpt turn")
+        roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+        if not turns or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
+            raise ValueError(f"{where}: field 'conversations' must alternate human and gpt turns, human first, "
+                             f"got {roles}")
+        texts = [_field(t, "value", f"{where} turn {k} ({t['from']})") for k, t in enumerate(turns)]
+        if not texts[0].startswith(IMAGE_TOKEN):
+            raise ValueError(f"{where}: the first human turn must start with {IMAGE_TOKEN!r}")
+        if any(IMAGE_TOKEN in t for t in texts[1:]):
+            raise ValueError(f"{where}: {IMAGE_TOKEN!r} may only open the first human turn")
+        texts[0] = texts[0][len(IMAGE_TOKEN):].lstrip("\n")
+        pairs = list(zip(texts[::2], texts[1::2]))
+        question, target = pairs[-1]
         m = ANSWER_TAG.search(target)
         letter = m.group(1) if m else target.strip()
-        samples.append(Sample(root / _field(rec, "video", where), human[len(IMAGE_TOKEN):].lstrip("\n"),
-                              letter if letter in LETTERS and letter else None, target))
+        samples.append(Sample(root / _field(rec, "video", where), question,
+                              letter if letter in LETTERS and letter else None, target, tuple(pairs[:-1])))
     return samples
 
 
@@ -597,14 +612,15 @@ TAG_SUFFIX = "Answer with the option's letter in <answer> </answer> tags."
 
 
 def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False, stepwise=False,
-                    tag_record=True):
+                    tag_record=True, multiturn=False):
     """Write the shapes data set to `out`:
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
         sft.json              LLaVA format, for training the tiny base model from scratch: per train
                               clip one option-mode QA (answer = the letter), with tag_record=True
                               the same question answered "<answer>X</answer>" (TAG_SUFFIX), one
-                              description of what the question asks about, and the list of its
+                              description of what the question asks about (with multiturn=True
+                              the tagged question is this conversation's second turn), and the list of its
                               colours; with reasoning_record=True one more: the reason-mode prompt
                               answered with the thought in plain text, no tags (explain(); NOTES.md,
                               session 7)
@@ -630,16 +646,21 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                              "data_type": "video", "problem_id": i, "problem_type": "multiple choice"})
                  for i, s in enumerate(items)]
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    def record(s, human, gpt):
-        return {"video": f"./{s['video']}", "conversations": [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{human}"}, {"from": "gpt", "value": gpt}]}
+    def record(s, human, gpt, *more):
+        """A LLaVA record; `more` = further (human, gpt) turns of the same conversation."""
+        turns = [("human", f"{IMAGE_TOKEN}\n{human}"), ("gpt", gpt)]
+        turns += [(who, text) for h, g in more for who, text in (("human", h), ("gpt", g))]
+        return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
     sft = []
     for i, s in enumerate(scenes["train"]):
         problem = format_options(s["question"], s["options"])
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
-        if tag_record:
-            sft.append(record(s, f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>"))
-        sft.append(record(s, f"{s['question']}\nDescribe what happens in the video.", describe(s)))
+        describe_turn = (f"{s['question']}\nDescribe what happens in the video.", describe(s))
+        tag_turn = (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")
+        if tag_record and multiturn:  # the letter read after ~60 tokens of text, as after a thought
+            sft.append(record(s, *describe_turn, tag_turn))
+        else:
+            sft += [record(s, *tag_turn)] * tag_record + [record(s, *describe_turn)]
         sft.append(record(s, "Which colours are in the video?", colours(s)))
         if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
             # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
@@ -652,7 +673,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
             for k, s in enumerate(scenes["train"][::step][:16])]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
-                   tag_record=tag_record)
+                   tag_record=tag_record, multiturn=multiturn)
     (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data
     (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
     return scenes
@@ -702,12 +723,13 @@ if __name__ == "__main__":
     s.add_argument("--reasoning-record", action="store_true", help="sft.json: + the plain-text thought per clip")
     s.add_argument("--stepwise", action="store_true", help="every other thought first observes (longer)")
     s.add_argument("--no-tag-record", action="store_true", help="sft.json without the option QA answered in tags")
+    s.add_argument("--multiturn", action="store_true", help="the tagged option QA as a second turn after the description")
     sub.add_parser("bench", help="time load_video against decode-all-then-pick")
     args = p.parse_args()
     if args.cmd == "shapes":
         t0 = time.time()
         generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record,
-                        args.stepwise, not args.no_tag_record)
+                        args.stepwise, not args.no_tag_record, args.multiturn)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
     else:
         bench()

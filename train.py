@@ -180,7 +180,7 @@ def tokenizer_texts(folder):
     texts = [data.chat_prompt(data.build_question("", m)) for m in ("reason", "option")]
     for f in sorted(folder.glob("*.json")):
         for s in data.read_llava_json(f):
-            texts += [s.question, s.target or ""]
+            texts += [s.question, s.target or ""] + [text for turn in s.history for text in turn]
     for f in sorted(folder.glob("*.jsonl")):
         texts += [s.question for s in data.read_nextqa_jsonl(f)]
     return texts * 4
@@ -442,12 +442,17 @@ def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data")
 
 def sft_tensors(tok, sample, device):
     """ids and labels of one cold-start / SFT sample: prompt + target + eos, loss on target + eos only
-    (SPEC.md s3). Returns (ids long (n,), labels long (n,))."""
-    prompt = M.tokenize_prompt(tok, data.chat_prompt(sample.question))
-    answer = tok(sample.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    ids = torch.tensor(prompt + answer, device=device)
-    labels = torch.tensor([M.IGNORE_INDEX] * len(prompt) + answer, device=device)
-    return ids, labels
+    (SPEC.md s3). A multi-turn sample (sample.history) continues each answer's eos with the next
+    turn's 'USER: ... ASSISTANT:' (data.chat_turn); every answer and its eos get loss.
+    Returns (ids long (n,), labels long (n,))."""
+    ids, labels = [], []
+    for k, (question, target) in enumerate(list(sample.history) + [(sample.question, sample.target)]):
+        prompt = M.tokenize_prompt(tok, data.chat_prompt(question)) if k == 0 else \
+            tok(data.chat_turn(question), add_special_tokens=False).input_ids
+        answer = tok(target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids += prompt + answer
+        labels += [M.IGNORE_INDEX] * len(prompt) + answer
+    return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
 
 
 def sft_losses(model, tok, samples, pixels, device):
@@ -733,7 +738,7 @@ def shapes_pipeline(argv):
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
     written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise /
-    --no-tag-record), or when its base/ was trained for another number of epochs than --base-epochs asks."""
+    --no-tag-record / --multiturn), or when its base/ was trained for another number of epochs than --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -743,6 +748,8 @@ def shapes_pipeline(argv):
     p.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
     p.add_argument("--no-rehearsal", action="store_true",
                    help="the paper's cold start: the 16 samples alone, without the base stage's records")
+    p.add_argument("--multiturn", action="store_true",
+                   help="the tagged option question as a second turn after the description (data.generate_shapes)")
     p.add_argument("--no-tag-record", action="store_true",
                    help="a base stage that never sees the answer in <answer> tags (sessions 1-14); another --out")
     p.add_argument("--base-epochs", type=int, default=None,
@@ -772,7 +779,8 @@ def shapes_pipeline(argv):
     a.reasoning_base |= a.stepwise
     # The tagged option record (data.TAG_SUFFIX), not with --reasoning-base: measured without it (NOTES.md, session 15)
     tag = not (a.no_tag_record or a.reasoning_base)
-    d, kind = out / "data", dict(reasoning_record=a.reasoning_base, stepwise=a.stepwise, tag_record=tag)
+    d, kind = out / "data", dict(reasoning_record=a.reasoning_base, stepwise=a.stepwise, tag_record=tag,
+                                 multiturn=tag and a.multiturn)
     if not (d / "test.jsonl").exists():
         stage("data", lambda: data.generate_shapes(d, S["train"], S["test"], a.seed, **kind))
     written = json.loads((d / "shapes_args.txt").read_text()) if (d / "shapes_args.txt").exists() else {}  # none: an old folder

@@ -185,6 +185,23 @@ def test_read_llava_json(tmp_path):
         data.read_llava_json(f)
 
 
+def test_read_llava_json_multi_turn(tmp_path):
+    turns = [("human", "<image>\nDescribe."), ("gpt", "A red dot."), ("human", "Q?\nOptions:\nA. a"),
+             ("gpt", "<answer>A</answer>")]
+    rec = {"video": "v.mp4", "conversations": [{"from": w, "value": v} for w, v in turns]}
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([rec]))
+    (s,) = data.read_llava_json(f)
+    assert s.history == (("Describe.", "A red dot."),)
+    assert (s.question, s.target, s.answer) == ("Q?\nOptions:\nA. a", "<answer>A</answer>", "A")
+    for bad, message in [(turns[:3], "alternate human and gpt"), (turns[1:], "alternate human and gpt"),
+                         (turns[:2] + [("human", "<image>\nQ?"), turns[3]], "may only open the first human turn")]:
+        rec["conversations"] = [{"from": w, "value": v} for w, v in bad]
+        f.write_text(json.dumps([rec]))
+        with pytest.raises(ValueError, match=rf"m.json: record 0: .*{message}"):
+            data.read_llava_json(f)
+
+
 # ---- the shapes task -------------------------------------------------------------------------
 
 def _colour_mask(frames, color):
@@ -256,6 +273,11 @@ def test_shapes_dataset(tmp_path):
     assert describe.question.startswith(scenes["train"][0]["question"] + "\n")
     shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
     assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
+    # multiturn: the tagged question becomes the description's second turn; nothing else changes
+    data.generate_shapes(tmp_path / "multi", n_train=50, n_test=10, seed=3, multiturn=True)
+    multi = data.read_llava_json(tmp_path / "multi" / "sft.json")
+    assert len(multi) == 150 and [s.target for s in multi[:3]] == [option.target, tagged.target, colours.target]
+    assert multi[1].history == ((describe.question, describe.target),) and multi[1].question == tagged.question
     # determinism: the same seed writes the same text and the same video bytes, every clip (with crf 12
     # about 1 clip in 65 came out different, so checking one clip was not enough)
     data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1)

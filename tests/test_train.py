@@ -135,6 +135,20 @@ def test_sft_labels_cover_answer_and_eos_only(setup):
     assert labels.tolist() == [-100] * len(prompt) + answer + [tok.eos_token_id]
 
 
+def test_sft_multi_turn_continues_after_each_eos_and_labels_every_answer(setup):
+    d, init = setup
+    _, tok = M.from_pretrained(init)
+    s = data.Sample(video=Path("x.mp4"), question="Q?", answer="B", target="<answer>B</answer>",
+                    history=(("Describe.", "A red dot."),))
+    ids, labels = train.sft_tensors(tok, s, torch.device("cpu"))
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids
+    first, eos = M.tokenize_prompt(tok, data.chat_prompt("Describe.")), [tok.eos_token_id]
+    assert ids.tolist() == first + enc("A red dot.") + eos + enc("USER: Q? ASSISTANT:") + enc("<answer>B</answer>") + eos
+    ignored = lambda part: [-100] * len(part)
+    assert labels.tolist() == (ignored(first) + enc("A red dot.") + eos + ignored(enc("USER: Q? ASSISTANT:"))
+                               + enc("<answer>B</answer>") + eos)
+
+
 def test_rehearsal_mix_reads_each_sample_once_an_epoch_and_each_record_at_most_once():
     samples, old = ["s0", "s1", "s2"], [f"o{i}" for i in range(10)]
     mix = train.rehearsal_mix(samples, old, epochs=2, ratio=1, seed=0)
