@@ -607,12 +607,14 @@ def _make_sample(job):
 # The base stage's tagged record: the option question asking for the letter inside <answer> tags. A
 # pretrained language model follows such an instruction; a model trained from scratch has to see it, or
 # the letter after "<answer>" is learned from the cold start's 16 clips alone (cold start 50.0 -> 56.4%
-# Reason with it, R1 63.2 -> 72.4; NOTES.md, session 15).
+# Reason with it, R1 63.2 -> 72.4; NOTES.md, session 15). Asked as the second turn of the description's
+# conversation (multiturn), the letter is read after text, as in R1 after a thought: cold start 71.6,
+# R1 81.6-84.0 over three GRPO seeds (NOTES.md, session 16).
 TAG_SUFFIX = "Answer with the option's letter in <answer> </answer> tags."
 
 
 def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False, stepwise=False,
-                    tag_record=True, multiturn=False):
+                    tag_record=True, multiturn=True):
     """Write the shapes data set to `out`:
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
@@ -649,7 +651,8 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
     def record(s, human, gpt, *more):
         """A LLaVA record; `more` = further (human, gpt) turns of the same conversation."""
         turns = [("human", f"{IMAGE_TOKEN}\n{human}"), ("gpt", gpt)]
-        turns += [(who, text) for h, g in more for who, text in (("human", h), ("gpt", g))]
+        for h, g in more:
+            turns += [("human", h), ("gpt", g)]
         return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
     sft = []
     for i, s in enumerate(scenes["train"]):
@@ -657,7 +660,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
         describe_turn = (f"{s['question']}\nDescribe what happens in the video.", describe(s))
         tag_turn = (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")
-        if tag_record and multiturn:  # the letter read after ~60 tokens of text, as after a thought
+        if tag_record and multiturn:  # the letter read ~64 tokens after the video's turn, as after a thought
             sft.append(record(s, *describe_turn, tag_turn))
         else:
             sft += [record(s, *tag_turn)] * tag_record + [record(s, *describe_turn)]
@@ -673,7 +676,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
             for k, s in enumerate(scenes["train"][::step][:16])]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
-                   tag_record=tag_record, multiturn=multiturn)
+                   tag_record=tag_record, multiturn=tag_record and multiturn)
     (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data
     (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
     return scenes
@@ -723,13 +726,13 @@ if __name__ == "__main__":
     s.add_argument("--reasoning-record", action="store_true", help="sft.json: + the plain-text thought per clip")
     s.add_argument("--stepwise", action="store_true", help="every other thought first observes (longer)")
     s.add_argument("--no-tag-record", action="store_true", help="sft.json without the option QA answered in tags")
-    s.add_argument("--multiturn", action="store_true", help="the tagged option QA as a second turn after the description")
+    s.add_argument("--single-turn", action="store_true", help="the tagged option QA as a record of its own")
     sub.add_parser("bench", help="time load_video against decode-all-then-pick")
     args = p.parse_args()
     if args.cmd == "shapes":
         t0 = time.time()
         generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record,
-                        args.stepwise, not args.no_tag_record, args.multiturn)
+                        args.stepwise, not args.no_tag_record, not args.single_turn)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
     else:
         bench()

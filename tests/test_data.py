@@ -252,7 +252,7 @@ def test_shapes_answers_are_right_from_pixels():
 
 def test_shapes_dataset(tmp_path):
     out = tmp_path / "shapes"
-    scenes = data.generate_shapes(out, n_train=50, n_test=10, seed=3)
+    scenes = data.generate_shapes(out, n_train=50, n_test=10, seed=3, multiturn=False)
     train = data.read_nextqa_jsonl(out / "train.jsonl")
     assert len(train) == 50 and len(data.read_nextqa_jsonl(out / "test.jsonl")) == 10
     # the answer survives H.264 on the written files, checked on a few decoded clips
@@ -273,14 +273,14 @@ def test_shapes_dataset(tmp_path):
     assert describe.question.startswith(scenes["train"][0]["question"] + "\n")
     shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
     assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
-    # multiturn: the tagged question becomes the description's second turn; nothing else changes
-    data.generate_shapes(tmp_path / "multi", n_train=50, n_test=10, seed=3, multiturn=True)
+    # the default, multiturn: the tagged question becomes the description's second turn; nothing else changes
+    data.generate_shapes(tmp_path / "multi", n_train=50, n_test=10, seed=3)
     multi = data.read_llava_json(tmp_path / "multi" / "sft.json")
     assert len(multi) == 150 and [s.target for s in multi[:3]] == [option.target, tagged.target, colours.target]
     assert multi[1].history == ((describe.question, describe.target),) and multi[1].question == tagged.question
     # determinism: the same seed writes the same text and the same video bytes, every clip (with crf 12
     # about 1 clip in 65 came out different, so checking one clip was not enough)
-    data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1)
+    data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1, multiturn=False)
     videos = sorted(p.relative_to(out).as_posix() for p in (out / "videos").iterdir())
     assert len(videos) == 60
     for name in ["train.jsonl", "test.jsonl", "sft.json", "coldstart.json"] + videos:

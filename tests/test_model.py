@@ -323,7 +323,7 @@ def test_sampler_keeps_its_kv_cache_under_gradient_checkpointing(tiny, sharp):
     m = copy.deepcopy(sharp)
     video = m.encode_video(pixels).detach()
     want = greedy_slow(m, prompt, video, 8)
-    m.language_model.gradient_checkpointing_enable()
+    m.language_model.activation_checkpointing_enable()
     m.train()
     ids, _ = M.sample(m, [prompt], video[None], G=2, max_new_tokens=8, temperature=0, eos_id=-1)
     assert ids[0].tolist() == want

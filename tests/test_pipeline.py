@@ -33,11 +33,12 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert [r["name"] for r in res["results"][1:]] == ["TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1-norehearsal)"]
     assert res["results"][1]["model"].endswith("coldstart-norehearsal/final")
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
-    # the data on disk was written for the default base stage (with the tagged option QA, 4 records a
-    # clip): another base stage needs its own folder
-    assert json.loads((out / "data/shapes_args.txt").read_text())["tag_record"] is True
-    assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20
-    for other in ("--reasoning-base", "--no-tag-record"):
+    # the data on disk was written for the default base stage (the tagged option QA as the description's
+    # second turn, 3 records a clip): another base stage needs its own folder
+    written = json.loads((out / "data/shapes_args.txt").read_text())
+    assert written["tag_record"] is True and written["multiturn"] is True
+    assert [len(r["conversations"]) for r in json.loads((out / "data/sft.json").read_text())] == [2, 4, 2] * 20
+    for other in ("--reasoning-base", "--no-tag-record", "--single-turn"):
         with pytest.raises(ValueError, match="written for another base stage"):
             train.shapes_pipeline(["--out", str(out), "--smoke", other])
     # so was its base model (1 epoch in the smoke sizes): a longer base stage needs its own folder too
@@ -51,7 +52,8 @@ def test_shapes_pipeline_stepwise_smoke(tmp_path):
     res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise"])
     assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20  # 20 smoke clips, 4 records each
     assert json.loads((out / "data/shapes_args.txt").read_text())["stepwise"] is True
-    assert json.loads((out / "data/shapes_args.txt").read_text())["tag_record"] is False  # measured without it
+    written = json.loads((out / "data/shapes_args.txt").read_text())
+    assert written["tag_record"] is False and written["multiturn"] is False  # measured without them
     assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
     with pytest.raises(ValueError, match="written for another base stage"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
