@@ -738,7 +738,8 @@ def shapes_pipeline(argv):
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
     written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise /
-    --no-tag-record / --single-turn), or when its base/ was trained for another number of epochs than --base-epochs asks."""
+    --no-tag-record / --single-turn), or when its base/ was trained for another number of epochs than
+    --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
