@@ -663,7 +663,9 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         if tag_record and multiturn:  # the letter read ~64 tokens after the video's turn, as after a thought
             sft.append(record(s, *describe_turn, tag_turn))
         else:
-            sft += [record(s, *tag_turn)] * tag_record + [record(s, *describe_turn)]
+            if tag_record:
+                sft.append(record(s, *tag_turn))
+            sft.append(record(s, *describe_turn))
         sft.append(record(s, "Which colours are in the video?", colours(s)))
         if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
             # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every

@@ -670,7 +670,8 @@ def bench_prompts(B=8, G=8, new_tokens=64):
 def random_checkpoint(out, tokenizer_dir, device="cpu"):
     """Write a full-size model (Config(): the released shapes, ~3.7B parameters) with random weights, in
     bf16 and the released layout, with the tokenizer of `tokenizer_dir` beside it: a stand-in for the
-    release on machines that cannot download it, for speed and memory figures (README, Benchmarks).
+    release on machines that cannot download it, for speed and memory figures (README, The paper's
+    recipe on GPUs).
     A shapes run's tokenizer has ~600 ids against the model's 151936 rows; sampled ids past its
     vocabulary decode to nothing, and eos (id 0) is drawn about once in 151936 tokens, so every
     completion runs to the token cap: the worst case for time and memory."""
