@@ -429,14 +429,18 @@ def make_scene(rng, qtype, letter_index):
     def spot():
         return tuple(int(v) for v in rng.integers(14, SIZE - 14, size=2))
     if qtype == "direction":
+        # Colours from all five, not from `others`: those leave out the colour of the answer's letter, so
+        # "a letter whose colour is not shown" was right one time in three, and every model answered
+        # that way (NOTES.md, session 17)
+        c1, c2 = (str(c) for c in rng.permutation(names)[:2])
         move = DIRECTIONS[letter_index]
         x, y = spot()
         lo, hi = 10, SIZE - 10
         end = {"left": (lo, y), "right": (hi, y), "up": (x, lo), "down": (x, hi)}.get(move, (x, y))
         start = {"left": (hi, y), "right": (lo, y), "up": (x, hi), "down": (x, lo)}.get(move, (x, y))
-        target = Obj(shapes[0], [others[0]], start + end, (0, T - 1))
-        objects = [target, Obj(shapes[1], [others[1]], spot() * 2, (0, T - 1))]
-        question, options = f"Which way does the {others[0]} {shapes[0]} move?", DIRECTIONS
+        target = Obj(shapes[0], [c1], start + end, (0, T - 1))
+        objects = [target, Obj(shapes[1], [c2], spot() * 2, (0, T - 1))]
+        question, options = f"Which way does the {c1} {shapes[0]} move?", DIRECTIONS
     elif qtype in ("appear_first", "leave_first"):
         t1, t2 = sorted(int(t) for t in rng.choice(np.arange(1, T - 1), size=2, replace=False))
         a, b = _spread(rng, 2)  # apart, so neither hides the other
