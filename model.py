@@ -193,7 +193,7 @@ class VisionTower(nn.Module):
 
     Frozen in every stage of the paper (its SigLIP comes pretrained). Only a tiny model built from
     scratch trains its tower, in its base stage (`unfreeze`): a random frozen one read less (base
-    84.0% Option against 87.6, count 88 against 98, on session 17's data; NOTES.md)."""
+    84.0% Option against 87.6, count 88 against 98, in a pair of session 17's runs; NOTES.md)."""
 
     def __init__(self, cfg):
         super().__init__()
