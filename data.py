@@ -630,6 +630,8 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                               colours; with reasoning_record=True one more: the reason-mode prompt
                               answered with the thought in plain text, no tags (explain(); NOTES.md,
                               session 7)
+        sft-direction.json    sft.json's option records of the direction clips (a fifth of the
+                              train clips), for the base stage's second part (train.py shapes_pipeline)
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
         shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
     stepwise=True makes every other thought (reasoning record and cold start) the longer one that
@@ -658,10 +660,12 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         for h, g in more:
             turns += [("human", h), ("gpt", g)]
         return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
-    sft = []
+    sft, direction = [], []
     for i, s in enumerate(scenes["train"]):
         problem = format_options(s["question"], s["options"])
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
+        if s["qtype"] == "direction":
+            direction.append(sft[-1])
         describe_turn = (f"{s['question']}\nDescribe what happens in the video.", describe(s))
         tag_turn = (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")
         if tag_record and multiturn:  # the letter read ~64 tokens after the video's turn, as after a thought
@@ -681,6 +685,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                    reasoning(s, stepwise and k % 2 == 1))  # k % 2: both styles for every type
             for k, s in enumerate(scenes["train"][::step][:16])]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
+    (out / "sft-direction.json").write_text(json.dumps(direction, indent=1))
     options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
                    tag_record=tag_record, multiturn=tag_record and multiturn)
     (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data

@@ -91,7 +91,7 @@ def get_args(argv=None):
     p.add_argument("--rehearse", default=None,
                    help="sft: the previous stage's LLaVA json; each pass over --data comes with --rehearse-ratio "
                         "times as many of its records, each used once (rehearsal_mix; NOTES.md, session 12)")
-    p.add_argument("--rehearse-ratio", type=int, default=2, help="rehearsed records per --data sample")
+    p.add_argument("--rehearse-ratio", type=float, default=2, help="rehearsed records per --data sample")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     p.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
     p.add_argument("--num-frames", type=int, default=16)
@@ -425,18 +425,20 @@ def grpo_backward(model, group, args, n_sequences, device):
 
 def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data"):
     """A cold start that keeps what the previous stage taught (not in the paper; NOTES.md, session 12):
-    `epochs` copies of `samples` plus `ratio` times as many records of the previous stage's SFT data
-    `old`, drawn without replacement (each used once), to be read as ONE shuffled epoch, so that
-    every batch mixes the new format with the old skills. Without it the tiny shapes model,
+    `epochs` copies of `samples` plus `ratio` (a float) times as many records, rounded, of the previous
+    stage's SFT data `old`, drawn without replacement (each used once), to be read as ONE shuffled
+    epoch, so that every batch mixes the new format with the old skills. Without it the tiny shapes model,
     cold-started for 60 epochs on 16 samples, forgets how to describe a clip (the loss of the base's
     own descriptions goes 0.31 -> 0.97 nats a token; with ratio 1, 0.38; with ratio 2, 0.34).
-    Returns: list of (1 + ratio) * epochs * len(samples) data.Sample (the samples, then the records).
-    Raises: ValueError if `old` (read from `where`) holds fewer than ratio * epochs * len(samples).
+    The shapes base stage's direction parts use it too (shapes_pipeline).
+    Returns: list of epochs * len(samples) + n data.Sample (the samples, then the records), where
+        n = round(ratio * epochs * len(samples)).
+    Raises: ValueError if `old` (read from `where`) holds fewer than n records.
     """
-    n = ratio * epochs * len(samples)
+    n = round(ratio * epochs * len(samples))
     if len(old) < n:
         raise ValueError(f"{where}: {len(old)} records, fewer than the {n} that {epochs} epochs of "
-                         f"{len(samples)} samples rehearse with at {ratio} each")
+                         f"{len(samples)} samples rehearse with at {ratio:g} each")
     return samples * epochs + random.Random(seed).sample(old, n)
 
 
@@ -733,13 +735,13 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
 # The whole pipeline on the shapes task (CPU, minutes)
 
 def shapes_pipeline(argv):
-    """data -> base SFT from scratch -> cold start -> GRPO -> evaluate base (option), cold start and R1
-    (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
+    """data -> base SFT from scratch (in three parts) -> cold start -> GRPO -> evaluate base (option),
+    cold start and R1 (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
     written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise /
-    --no-tag-record / --single-turn), or when its base/ was trained for another number of epochs than
-    --base-epochs asks."""
+    --no-tag-record / --single-turn), or has no sft-direction.json (written before session 18; fine with
+    --one-part-base), or when its base/ was trained for another number of epochs than --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -754,6 +756,8 @@ def shapes_pipeline(argv):
                         "(session 15's base); another --out")
     p.add_argument("--no-tag-record", action="store_true",
                    help="a base stage that never sees the answer in <answer> tags (sessions 1-14); another --out")
+    p.add_argument("--one-part-base", action="store_true",
+                   help="the base stage without its direction parts (sessions 1-17; NOTES.md, session 18)")
     p.add_argument("--base-epochs", type=int, default=None,
                    help="epochs of the base stage (default: SHAPES['base_epochs']); another value needs another --out")
     p.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
@@ -794,7 +798,8 @@ def shapes_pipeline(argv):
     # --reasoning-base (measured without it: its base stage already writes the thought).
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
     rehearse = not (a.no_rehearsal or a.reasoning_base)
-    base, cold = out / "base", out / ("coldstart-norehearsal" if paper_cold else "coldstart")
+    base = out / "base"
+    cold = out / ("coldstart" + "-norehearsal" * paper_cold + "-onepart" * a.one_part_base)  # a folder per base
     epochs = a.base_epochs or S["base_epochs"]
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out",
@@ -802,6 +807,21 @@ def shapes_pipeline(argv):
     trained = torch.load(base / "final" / "train_state.pt", weights_only=False)["args"]["epochs"]
     if trained != epochs:
         raise ValueError(f"{base} was trained for {trained} epochs; this run wants {epochs} (--base-epochs); use another --out")
+    # The base stage's second and third parts (NOTES.md, session 18). Direction questions are a plateau for
+    # a model from scratch: alone, it reads them after ~250 steps at chance; in the mix of the five types
+    # it stays at chance, with a fifth or half of the records about direction. So a part where they are 4 records in 5 (the
+    # rest rehearse sft.json), then a part of all of sft.json with the direction records twice, at half
+    # the lr, which brings back the count questions that the direction part took away.
+    if not a.one_part_base:
+        if not (d / "sft-direction.json").exists():
+            raise ValueError(f"{d} has no sft-direction.json (written before session 18): use another --out, "
+                             "or --one-part-base")
+        for part, extra in S["direction_parts"]:
+            prev, base = base, out / part
+            if not (base / "final").exists():
+                stage(f"base SFT, {part}", lambda: main(
+                    ["--stage", "sft", "--init", str(prev / "final"), "--data", str(d / "sft-direction.json"),
+                     "--rehearse", str(d / "sft.json"), "--out", str(base), "--seed", str(a.seed)] + extra))
     if not (cold / "final").exists():
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
@@ -809,7 +829,7 @@ def shapes_pipeline(argv):
                                          + (["--rehearse", str(d / "sft.json"), "--rehearse-ratio", "2",
                                              "--batch-size", "12"] if rehearse else [])))
     beta = "" if a.beta is None else "nokl" if a.beta == 0 else f"beta{a.beta:g}"  # a run dir per setting
-    name = "r1" + "".join(f"-{x}" for x, on in (("nocold", a.no_coldstart),
+    name = "r1" + "".join(f"-{x}" for x, on in (("onepart", a.one_part_base), ("nocold", a.no_coldstart),
                                                  ("norehearsal", paper_cold and not a.no_coldstart),
                                                  (a.reward, a.reward != "penalty"),
                                                  (beta, bool(beta)), ("drgrpo", a.loss_type == "dr_grpo"),
@@ -863,6 +883,12 @@ def shapes_pipeline(argv):
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, base_epochs=3,
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
+              direction_parts=[("base-direction", ["--epochs", "30", "--rehearse-ratio", "0.25", "--lr", "1e-3",
+                                                   "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
+                                                   "--train-vision", "--keep-videos-in-memory"]),
+                               ("base-all", ["--epochs", "2", "--rehearse-ratio", "7.5", "--lr", "5e-4", "--warmup",
+                                             "0.05", "--batch-size", "16", "--save-every", "100000", "--train-vision",
+                                             "--keep-videos-in-memory"])],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
@@ -870,6 +896,9 @@ SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, bas
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epochs=1,
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
+             direction_parts=[(part, ["--epochs", "2", "--rehearse-ratio", "1", "--lr", "2e-3", "--batch-size", "8",
+                                      "--max-steps", "1", "--quiet", "--train-vision"])
+                              for part in ("base-direction", "base-all")],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
                    "--max-steps", "2", "--quiet"])

@@ -278,6 +278,12 @@ def test_shapes_dataset(tmp_path):
     multi = data.read_llava_json(tmp_path / "multi" / "sft.json")
     assert len(multi) == 150 and [s.target for s in multi[:3]] == [option.target, tagged.target, colours.target]
     assert multi[1].history == ((describe.question, describe.target),) and multi[1].question == tagged.question
+    # sft-direction.json: the option records of the direction clips, each as it is in sft.json
+    direction = json.loads((tmp_path / "multi" / "sft-direction.json").read_text())
+    records = json.loads((tmp_path / "multi" / "sft.json").read_text())
+    wanted = [records[3 * i] for i, sc in enumerate(scenes["train"]) if sc["qtype"] == "direction"]
+    assert len(wanted) == 10 and direction == wanted
+    assert all(r["conversations"][0]["value"].split("\n")[1].startswith("Which way") for r in direction)
     # determinism: the same seed writes the same text and the same video bytes, every clip (with crf 12
     # about 1 clip in 65 came out different, so checking one clip was not enough)
     data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1, multiturn=False)

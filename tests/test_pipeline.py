@@ -21,10 +21,16 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert "| Model | Answer Type | shapes / NextQA-format |" in printed
     curves = (out / "r1/curves.csv").read_text().splitlines()
     assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl,well_formed,think_length,rewards/temporal" and len(curves) == 3
+    # the base stage in three parts, each from the one before; the base evaluated is the last
+    args = lambda part: torch.load(out / part / "final/train_state.pt", weights_only=False)["args"]
+    assert args("base-direction")["init"] == str(out / "base/final")
+    assert args("base-direction")["data"].endswith("sft-direction.json") and args("base-direction")["rehearse"].endswith("sft.json")
+    assert args("base-all")["init"] == str(out / "base-direction/final")
+    assert args("coldstart")["init"] == str(out / "base-all/final") and res["results"][0]["model"].endswith("base-all/final")
     # an ablation re-runs only GRPO and its evaluation, on the same base and cold start
-    stamp = (out / "base/final/model.safetensors").stat().st_mtime
+    stamp = (out / "base-all/final/model.safetensors").stat().st_mtime
     res = train.shapes_pipeline(["--out", str(out), "--smoke", "--beta", "0", "--loss-type", "dr_grpo"])
-    assert (out / "base/final/model.safetensors").stat().st_mtime == stamp
+    assert (out / "base-all/final/model.safetensors").stat().st_mtime == stamp
     assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-nokl-drgrpo)" and "GRPO (r1-nokl-drgrpo)" in res["times"]
     assert (out / "r1-nokl-drgrpo/final/train_state.pt").exists()
     # the default cold start rehearses the base stage's records; --no-rehearsal is its own cold start
@@ -33,6 +39,14 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert [r["name"] for r in res["results"][1:]] == ["TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1-norehearsal)"]
     assert res["results"][1]["model"].endswith("coldstart-norehearsal/final")
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
+    # --one-part-base: the cold start and GRPO from the first part (sessions 1-17), in folders of their own
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--one-part-base"])
+    assert res["results"][0]["model"].endswith("/base/final") and res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-onepart)"
+    assert args("coldstart-onepart")["init"] == str(out / "base/final")
+    (out / "data/sft-direction.json").rename(out / "data/away.json")  # a folder from before session 18
+    with pytest.raises(ValueError, match="has no sft-direction.json"):
+        train.shapes_pipeline(["--out", str(out), "--smoke"])
+    (out / "data/away.json").rename(out / "data/sft-direction.json")
     # the data on disk was written for the default base stage (the tagged option QA as the description's
     # second turn, 3 records a clip): another base stage needs its own folder
     written = json.loads((out / "data/shapes_args.txt").read_text())
