@@ -809,9 +809,10 @@ def shapes_pipeline(argv):
         raise ValueError(f"{base} was trained for {trained} epochs; this run wants {epochs} (--base-epochs); use another --out")
     # The base stage's second and third parts (NOTES.md, session 18). Direction questions are a plateau for
     # a model from scratch: alone, it reads them after ~250 steps at chance; in the mix of the five types
-    # it stays at chance, with a fifth or half of the records about direction. So a part where they are 4 records in 5 (the
-    # rest rehearse sft.json), then a part of all of sft.json with the direction records twice, at half
-    # the lr, which brings back the count questions that the direction part took away.
+    # it stays at chance, with a fifth or half of the records about direction. So a part where they are 4
+    # records in 5 (the rest rehearse sft.json), at a constant lr, as the plateau's length varies (left
+    # after ~350 and ~1,300 steps in two runs), then a part of all of sft.json with the direction records
+    # twice, at half the lr, which brings back the count questions that the direction part took away.
     if not a.one_part_base:
         if not (d / "sft-direction.json").exists():
             raise ValueError(f"{d} has no sft-direction.json (written before session 18): use another --out, "
@@ -883,9 +884,9 @@ def shapes_pipeline(argv):
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, base_epochs=3,
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
-              direction_parts=[("base-direction", ["--epochs", "30", "--rehearse-ratio", "0.25", "--lr", "1e-3",
-                                                   "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
-                                                   "--train-vision", "--keep-videos-in-memory"]),
+              direction_parts=[("base-direction", ["--epochs", "60", "--rehearse-ratio", "0.25", "--lr", "1e-3",
+                                                   "--schedule", "constant", "--warmup", "0.05", "--batch-size", "16",
+                                                   "--save-every", "100000", "--train-vision", "--keep-videos-in-memory"]),
                                ("base-all", ["--epochs", "2", "--rehearse-ratio", "7.5", "--lr", "5e-4", "--warmup",
                                              "0.05", "--batch-size", "16", "--save-every", "100000", "--train-vision",
                                              "--keep-videos-in-memory"])],
