@@ -157,6 +157,9 @@ def test_rehearsal_mix_reads_each_sample_once_an_epoch_and_each_record_at_most_o
     assert train.rehearsal_mix(samples, old, 2, 1, 0) == mix and train.rehearsal_mix(samples, old, 2, 1, 1) != mix
     mix = train.rehearsal_mix(samples, old, epochs=1, ratio=3, seed=0)
     assert mix[:3] == samples and len(set(mix[3:])) == 9 and set(mix[3:]) <= set(old)
+    # a fractional ratio (the shapes base stage's direction parts): 3 x 4 x 0.25 = 3 records
+    mix = train.rehearsal_mix(samples, old, epochs=4, ratio=0.25, seed=0)
+    assert mix[:12] == samples * 4 and len(mix) == 15 and len(set(mix[12:])) == 3 and set(mix[12:]) <= set(old)
     with pytest.raises(ValueError, match="old.json: 10 records, fewer than the 12"):
         train.rehearsal_mix(samples, old, 2, 2, 0, "old.json")
 
