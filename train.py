@@ -812,7 +812,9 @@ def shapes_pipeline(argv):
     # it stays at chance, with a fifth or half of the records about direction. So a part where they are 4
     # records in 5 (the rest rehearse sft.json), at a constant lr, as the plateau's length varies (left
     # after ~350 and ~1,300 steps in two runs), then a part of all of sft.json with the direction records
-    # twice, at half the lr, which brings back the count questions that the direction part took away.
+    # twice (with the default 3 records a clip; fewer of them with 4), at half the lr, which brings back
+    # the count questions that the direction part took away. Each part: the base stage's flags, then its own
+    # (the last --lr wins).
     if not a.one_part_base:
         if not (d / "sft-direction.json").exists():
             raise ValueError(f"{d} has no sft-direction.json (written before session 18): use another --out, "
@@ -822,7 +824,8 @@ def shapes_pipeline(argv):
             if not (base / "final").exists():
                 stage(f"base SFT, {part}", lambda: main(
                     ["--stage", "sft", "--init", str(prev / "final"), "--data", str(d / "sft-direction.json"),
-                     "--rehearse", str(d / "sft.json"), "--out", str(base), "--seed", str(a.seed)] + extra))
+                     "--rehearse", str(d / "sft.json"), "--out", str(base), "--seed", str(a.seed)]
+                    + S["base"] + extra))
     if not (cold / "final").exists():
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
@@ -884,12 +887,9 @@ def shapes_pipeline(argv):
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, base_epochs=3,
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
-              direction_parts=[("base-direction", ["--epochs", "60", "--rehearse-ratio", "0.25", "--lr", "1e-3",
-                                                   "--schedule", "constant", "--warmup", "0.05", "--batch-size", "16",
-                                                   "--save-every", "100000", "--train-vision", "--keep-videos-in-memory"]),
-                               ("base-all", ["--epochs", "2", "--rehearse-ratio", "7.5", "--lr", "5e-4", "--warmup",
-                                             "0.05", "--batch-size", "16", "--save-every", "100000", "--train-vision",
-                                             "--keep-videos-in-memory"])],
+              direction_parts=[("base-direction", ["--epochs", "60", "--rehearse-ratio", "0.25",
+                                                   "--schedule", "constant"]),
+                               ("base-all", ["--epochs", "2", "--rehearse-ratio", "7.5", "--lr", "5e-4"])],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
@@ -897,8 +897,7 @@ SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, bas
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epochs=1,
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
-             direction_parts=[(part, ["--epochs", "2", "--rehearse-ratio", "1", "--lr", "2e-3", "--batch-size", "8",
-                                      "--max-steps", "1", "--quiet", "--train-vision"])
+             direction_parts=[(part, ["--epochs", "2", "--rehearse-ratio", "1", "--max-steps", "1"])
                               for part in ("base-direction", "base-all")],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
