@@ -625,13 +625,14 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         sft.json              LLaVA format, for training the tiny base model from scratch: per train
                               clip one option-mode QA (answer = the letter), with tag_record=True
                               the same question answered "<answer>X</answer>" (TAG_SUFFIX), one
-                              description of what the question asks about (with multiturn=True
-                              the tagged question is this conversation's second turn), and the list of its
-                              colours; with reasoning_record=True one more: the reason-mode prompt
-                              answered with the thought in plain text, no tags (explain(); NOTES.md,
-                              session 7)
+                              description of what the question asks about, asked with the question
+                              and its options (with multiturn=True the tagged question is this
+                              conversation's second turn), and the list of its colours; with
+                              reasoning_record=True one more: the reason-mode prompt answered with
+                              the thought in plain text, no tags (explain(); NOTES.md, session 7)
         sft-direction.json    sft.json's option records of the direction clips (a fifth of the
                               train clips), for the base stage's second part (train.py shapes_pipeline)
+        sft-direction-all.json  every sft.json record of the direction clips, for its third part
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
         shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
     stepwise=True makes every other thought (reasoning record and cold start) the longer one that
@@ -660,13 +661,14 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         for h, g in more:
             turns += [("human", h), ("gpt", g)]
         return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
-    sft, direction = [], []
+    sft, direction, direction_all = [], [], []
     for i, s in enumerate(scenes["train"]):
         problem = format_options(s["question"], s["options"])
+        first = len(sft)
         sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
-        if s["qtype"] == "direction":
-            direction.append(sft[-1])
-        describe_turn = (f"{s['question']}\nDescribe what happens in the video.", describe(s))
+        # asked with the options, as the reason prompt asks: the thought after it then starts from the same
+        # context as the description (R1 82.0 against 79.2, cold start 51.6 against 66.0; NOTES.md, session 19)
+        describe_turn = (f"{problem}\nDescribe what happens in the video.", describe(s))
         tag_turn = (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")
         if tag_record and multiturn:  # the letter read ~64 tokens after the video's turn, as after a thought
             sft.append(record(s, *describe_turn, tag_turn))
@@ -679,6 +681,9 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
             # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
             # (type, letter) pair comes in both styles
             sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // len(QTYPES)) % 2 == 1)))
+        if s["qtype"] == "direction":
+            direction.append(sft[first])
+            direction_all += sft[first:]
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
     cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"),
@@ -686,6 +691,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
             for k, s in enumerate(scenes["train"][::step][:16])]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     (out / "sft-direction.json").write_text(json.dumps(direction, indent=1))
+    (out / "sft-direction-all.json").write_text(json.dumps(direction_all, indent=1))
     options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
                    tag_record=tag_record, multiturn=tag_record and multiturn)
     (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data

@@ -740,8 +740,9 @@ def shapes_pipeline(argv):
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
     written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise /
-    --no-tag-record / --single-turn), or has no sft-direction.json (written before session 18; fine with
-    --one-part-base), or when its base/ was trained for another number of epochs than --base-epochs asks."""
+    --no-tag-record / --single-turn), or lacks a direction part's records (sft-direction.json since session
+    18, sft-direction-all.json since 19; fine with --one-part-base), or when its base/ was trained for
+    another number of epochs than --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -809,21 +810,24 @@ def shapes_pipeline(argv):
         raise ValueError(f"{base} was trained for {trained} epochs; this run wants {epochs} (--base-epochs); use another --out")
     # The base stage's second and third parts (NOTES.md, session 18). Direction questions are a plateau for
     # a model from scratch: alone, it reads them after ~250 steps at chance; in the mix of the five types
-    # it stays at chance, with a fifth or half of the records about direction. So a part where they are 4
-    # records in 5 (the rest rehearse sft.json), at a constant lr, as the plateau's length varies (left
-    # after ~350 and ~1,300 steps in two runs), then a part of all of sft.json with the direction records
-    # twice (with the default 3 records a clip; fewer of them with 4), at half the lr, which brings back
-    # the count questions that the direction part took away. Each part: the base stage's flags, then its own
-    # (the last --lr wins).
+    # it stays at chance, with a fifth or half of the records about direction. So a part where their option
+    # records are 4 records in 5 (the rest rehearse sft.json), at a constant lr, as the plateau's length
+    # varies (left after ~350 and ~1,300 steps in two runs), then a part of all of sft.json with every
+    # record of the direction clips five more times, at half the lr: it brings back the count questions
+    # that the direction part took away, and teaches the descriptions to say what the option answers
+    # read (direction words right in the descriptions 50% -> 78%, R1's direction 30 -> 54; NOTES.md,
+    # session 19).
+    # Each part: its records, then the base stage's flags, then its own (the last --lr wins).
     if not a.one_part_base:
-        if not (d / "sft-direction.json").exists():
-            raise ValueError(f"{d} has no sft-direction.json (written before session 18): use another --out, "
+        missing = [records for _, records, _ in S["direction_parts"] if not (d / records).exists()]
+        if missing:  # checked before any part trains
+            raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out, "
                              "or --one-part-base")
-        for part, extra in S["direction_parts"]:
+        for part, records, extra in S["direction_parts"]:
             prev, base = base, out / part
             if not (base / "final").exists():
                 stage(f"base SFT, {part}", lambda: main(
-                    ["--stage", "sft", "--init", str(prev / "final"), "--data", str(d / "sft-direction.json"),
+                    ["--stage", "sft", "--init", str(prev / "final"), "--data", str(d / records),
                      "--rehearse", str(d / "sft.json"), "--out", str(base), "--seed", str(a.seed)]
                     + S["base"] + extra))
     if not (cold / "final").exists():
@@ -871,7 +875,7 @@ def shapes_pipeline(argv):
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (about 26 minutes on 2 cores, see README) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (about 24 minutes on 2 cores, see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
 # 1e-3 three seeds gave 59-65% (NOTES.md, session 9); 3 epochs instead of 2: 84.4% (NOTES.md, session 11).
 # 4 epochs (--base-epochs 4) give a better cold start and R1, but GRPO adds less to them and the
@@ -887,9 +891,10 @@ def shapes_pipeline(argv):
 SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, base_epochs=3,
               base=["--lr", "1e-3", "--warmup", "0.05", "--batch-size", "16", "--save-every", "100000",
                     "--train-vision", "--keep-videos-in-memory"],
-              direction_parts=[("base-direction", ["--epochs", "60", "--rehearse-ratio", "0.25",
-                                                   "--schedule", "constant"]),
-                               ("base-all", ["--epochs", "2", "--rehearse-ratio", "7.5", "--lr", "5e-4"])],
+              direction_parts=[("base-direction", "sft-direction.json",
+                                ["--epochs", "60", "--rehearse-ratio", "0.25", "--schedule", "constant"]),
+                               ("base-all", "sft-direction-all.json",
+                                ["--epochs", "5", "--rehearse-ratio", "1", "--lr", "5e-4"])],
               cold=["--lr", "5e-4", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
@@ -897,8 +902,8 @@ SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, bas
                     "--keep-videos-in-memory"])
 SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epochs=1,
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
-             direction_parts=[(part, ["--epochs", "2", "--rehearse-ratio", "1", "--max-steps", "1"])
-                              for part in ("base-direction", "base-all")],
+             direction_parts=[(part, records, ["--epochs", "2", "--rehearse-ratio", "1", "--max-steps", "1"])
+                              for part, records, _ in SHAPES["direction_parts"]],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
                    "--max-steps", "2", "--quiet"])

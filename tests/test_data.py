@@ -270,7 +270,9 @@ def test_shapes_dataset(tmp_path):
     assert option.question.endswith(data.OPTION_SUFFIX) and option.target == train[0].answer
     assert tagged.question == option.question.replace(data.OPTION_SUFFIX, data.TAG_SUFFIX)
     assert tagged.target == f"<answer>{train[0].answer}</answer>" and tagged.answer == train[0].answer
-    assert describe.question.startswith(scenes["train"][0]["question"] + "\n")
+    # the description is asked with the question and its options, as the reason prompt asks
+    assert describe.question == option.question.replace(data.OPTION_SUFFIX, "Describe what happens in the video.")
+    assert describe.question.startswith(scenes["train"][0]["question"] + "\nOptions:\n")
     shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
     assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
     # the default, multiturn: the tagged question becomes the description's second turn; nothing else changes
@@ -284,6 +286,10 @@ def test_shapes_dataset(tmp_path):
     wanted = [records[3 * i] for i, sc in enumerate(scenes["train"]) if sc["qtype"] == "direction"]
     assert len(wanted) == 10 and direction == wanted
     assert all(r["conversations"][0]["value"].split("\n")[1].startswith("Which way") for r in direction)
+    # sft-direction-all.json: every record of the direction clips (option, description + tag, colours)
+    direction_all = json.loads((tmp_path / "multi" / "sft-direction-all.json").read_text())
+    wanted = [r for i, sc in enumerate(scenes["train"]) if sc["qtype"] == "direction" for r in records[3 * i:3 * i + 3]]
+    assert len(direction_all) == 30 and direction_all == wanted
     # determinism: the same seed writes the same text and the same video bytes, every clip (with crf 12
     # about 1 clip in 65 came out different, so checking one clip was not enough)
     data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1, multiturn=False)

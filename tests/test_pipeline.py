@@ -26,6 +26,7 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert args("base-direction")["init"] == str(out / "base/final")
     assert args("base-direction")["data"].endswith("sft-direction.json") and args("base-direction")["rehearse"].endswith("sft.json")
     assert args("base-all")["init"] == str(out / "base-direction/final")
+    assert args("base-all")["data"].endswith("sft-direction-all.json")
     assert args("coldstart")["init"] == str(out / "base-all/final") and res["results"][0]["model"].endswith("base-all/final")
     # an ablation re-runs only GRPO and its evaluation, on the same base and cold start
     stamp = (out / "base-all/final/model.safetensors").stat().st_mtime
@@ -43,10 +44,11 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     res = train.shapes_pipeline(["--out", str(out), "--smoke", "--one-part-base"])
     assert res["results"][0]["model"].endswith("/base/final") and res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-onepart)"
     assert args("coldstart-onepart")["init"] == str(out / "base/final")
-    (out / "data/sft-direction.json").rename(out / "data/away.json")  # a folder from before session 18
-    with pytest.raises(ValueError, match="has no sft-direction.json"):
-        train.shapes_pipeline(["--out", str(out), "--smoke"])
-    (out / "data/away.json").rename(out / "data/sft-direction.json")
+    for records in ("sft-direction.json", "sft-direction-all.json"):  # folders from before sessions 18 / 19
+        (out / "data" / records).rename(out / "data/away.json")
+        with pytest.raises(ValueError, match=f"has no {records}"):
+            train.shapes_pipeline(["--out", str(out), "--smoke"])
+        (out / "data/away.json").rename(out / "data" / records)
     # the data on disk was written for the default base stage (the tagged option QA as the description's
     # second turn, 3 records a clip): another base stage needs its own folder
     written = json.loads((out / "data/shapes_args.txt").read_text())
