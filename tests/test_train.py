@@ -252,11 +252,22 @@ def test_broken_video_is_skipped_and_counted(setup, tmp_path):
         cache(bad / "broken.mp4")
 
 
-def test_videos_kept_in_memory_equal_fresh_decodes(setup):
+def test_videos_kept_in_memory_equal_fresh_decodes(setup, tmp_path, monkeypatch):
     d = setup[0]
-    clips = sorted((d / "videos").glob("*.mp4"))[:3]
-    fresh, kept = train.VideoLoader(16, 32, 0.05), train.VideoLoader(16, 32, 0.05, keep_in_memory=True)
-    for _ in range(2):  # the second pass is served from memory
+    clips = [tmp_path / f"{k}.mp4" for k in range(3)]
+    for src, dst in zip(sorted((d / "videos").glob("*.mp4")), clips):
+        dst.write_bytes(src.read_bytes())
+    decodes = []
+    load = data.load_video
+    monkeypatch.setattr(data, "load_video", lambda *a, **k: decodes.append(a[0]) or load(*a, **k))
+    fresh = train.VideoLoader(16, 32, 0.05)
+    for kept in (train.VideoLoader(16, 32, 0.05, keep_in_memory=True),
+                 train.VideoLoader(16, 32, 0.05, keep_in_memory=True)):  # a later run in the same process
         for clip in clips:
             assert torch.equal(kept(clip), fresh(clip))
-    assert len(kept.kept) == 3 and fresh.kept is None
+    assert len(decodes) == 3 + 3 + 3   # fresh: twice; kept: once, shared by both loaders
+    # another clip of another size (the key holds size and mtime; mtime alone can be coarse)
+    other = next(v for v in sorted((d / "videos").glob("*.mp4")) if v.stat().st_size != clips[0].stat().st_size)
+    clips[0].write_bytes(other.read_bytes())  # written again: decoded again, not served from memory
+    assert torch.equal(kept(clips[0]), fresh(other))
+    assert len(decodes) == 9 + 2
