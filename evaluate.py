@@ -232,6 +232,21 @@ def summarize(bench, rows):
             "unparsed": sum(not r["parsed"] for r in scored), "video_errors": len(rows) - len(scored)}
 
 
+def thought_agreement(rows, problems):
+    """Does the answer come from the thought? For Reason-mode result rows of the shapes task, whose thoughts
+    close as the cold start's do ("So the answer is left, which is option A."; data.stated_answer):
+    stated: thoughts that name an option; read_off: the option named is the label (the accuracy of the
+    thought alone); agree: the option named is the tag's letter. All in % of the scored rows, which
+    count a thought that names no option as neither. problems: {row id: problem text with its options}.
+    Raises KeyError when a row's id has no problem. Ours, not the paper's (README, Status)."""
+    scored = [r for r in rows if "error" not in r]
+    said = [data.stated_answer(r["completion"], problems[r["id"]]) for r in scored]
+    pct = lambda k: 100.0 * k / max(1, len(scored))
+    return {"stated": pct(sum(s is not None for s in said)),
+            "read_off": pct(sum(s is not None and s == r["answer"] for s, r in zip(said, scored))),
+            "agree": pct(sum(s is not None and s == r["prediction"] for s, r in zip(said, scored)))}
+
+
 # -----------------------------------------------------------------------------
 # Tables
 

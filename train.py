@@ -880,6 +880,13 @@ def shapes_pipeline(argv):
     per_task = {r["name"]: r["summary"]["tasks"] for r in results}
     print("\nper question type:\n" + "\n".join(f"  {n}: " + ", ".join(f"{t} {v:.0f}" for t, v in ts.items())
                                                  for n, ts in per_task.items()))
+    # Does the tag's letter follow from the thought? (README, Status: mostly not; the tag reads the clip itself)
+    problems = {it.id: it.problem for it in evaluate.load_jsonl(d / "test.jsonl")}
+    print("\nthe thoughts (Reason mode; evaluate.thought_agreement):")
+    for r in results[1:]:
+        r["thoughts"] = evaluate.thought_agreement(r["items"], problems)
+        print(f"  {r['name']}: the thought names an option in {r['thoughts']['stated']:.0f}%, the right one in "
+              f"{r['thoughts']['read_off']:.0f}% (read off), the tag's letter in {r['thoughts']['agree']:.0f}%")
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + ")")
     return {"results": results, "times": times, "curves": r1 / "curves.csv"}

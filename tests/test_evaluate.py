@@ -211,3 +211,22 @@ def test_cli_with_a_tiny_checkpoint(tmp_path):
     res = json.loads(out.read_text())
     assert len(res["items"]) == 3 and res["summary"]["n"] == 3 and res["name"] == "tiny"
     assert res["summary"]["score"] == 100 * sum(r["correct"] for r in res["items"]) / 3
+
+
+def test_thought_agreement_counts_by_hand():
+    problem = "Which way does the red circle move?\nOptions:\nA. left\nB. right\nC. up\nD. down\nE. it does not move"
+    rows = [  # label, tag's letter, completion
+        ("A", "A", "<think>The red circle moves left. So the answer is left, which is option A.</think> <answer>A</answer>"),
+        ("B", "B", "<think>It moves up. So the answer is up, which is option answer.</think> <answer>B</answer>"),
+        ("C", "D", "<think>So the answer is down, which is option C.</think> <answer>D</answer>"),  # the words count
+        ("D", "D", "<think>So the answer is three, which is option C.</think> <answer>D</answer>"),  # not an option
+        ("E", "E", "<think>It stays.</think> <answer>E</answer> So the answer is it does not move, which is option E."),
+        ("A", None, "<think>So the answer is left, which is option A.</think>"),                  # no tag: still read off
+    ]
+    assert [data.stated_answer(c, problem) for _, _, c in rows] == ["A", "C", "D", None, None, "A"]
+    items = [{"id": str(k), "answer": a, "prediction": p, "completion": c} for k, (a, p, c) in enumerate(rows)]
+    items.append({"id": "6", "answer": "A", "error": "no video"})  # left out of the shares
+    got = E.thought_agreement(items, {str(k): problem for k in range(7)})
+    assert got == {"stated": 100 * 4 / 6, "read_off": 100 * 2 / 6, "agree": 100 * 2 / 6}
+    with pytest.raises(KeyError):
+        E.thought_agreement(items, {})

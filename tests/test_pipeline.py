@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import evaluate
 import train
 
 
@@ -19,6 +20,10 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
         assert len(items) == 5 and r["summary"]["score"] == 100 * sum(i["correct"] for i in items) / 5
     printed = capsys.readouterr().out
     assert "| Model | Answer Type | shapes / NextQA-format |" in printed
+    problems = {str(k): json.loads(l)["problem"] for k, l in enumerate((out / "data/test.jsonl").read_text().splitlines())}
+    for r in res["results"][1:]:  # the Reason-mode rows: does the letter follow from the thought?
+        assert r["thoughts"] == evaluate.thought_agreement(r["items"], problems)
+        assert f"{r['name']}: the thought names an option in {r['thoughts']['stated']:.0f}%" in printed
     curves = (out / "r1/curves.csv").read_text().splitlines()
     assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl,well_formed,think_length,rewards/temporal" and len(curves) == 3
     # the base stage in three parts, each from the one before; the base evaluated is the last
