@@ -580,24 +580,6 @@ def explain(scene, stepwise=False):
     return f"{look}{describe(scene)} So the answer is {chosen}, which is option {letter}."
 
 
-STATED = re.compile(r"So the answer is (.+?), which is option")
-
-
-def stated_answer(completion, problem):
-    """The option that a completion's thought names in explain()'s closing sentence, as a letter: "... So
-    the answer is left, which is option A." in a problem whose options hold "C. left" gives "C". Read from
-    the option's words, not from the letter after "option", which GRPO can rewrite ("which is option
-    answer."). Returns None when no such sentence is inside <think> ... </think>, or when its words are not
-    an option of `problem` ("So the answer is one, ..." in a direction question). Ours, not the paper's:
-    it tells whether the tag's letter follows from the thought (evaluate.py, thought_agreement)."""
-    think = completion.split("</think>")[0]
-    if "<think>" not in think:
-        return None
-    m = STATED.search(think)
-    options = {text: letter for letter, text in re.findall(r"^([A-J])\. (.+)$", problem, re.MULTILINE)}
-    return options.get(m.group(1).strip()) if m else None
-
-
 def reasoning(scene, stepwise=False):
     """The chain of thought of a cold-start sample: explain(scene, stepwise) in <think>, then the letter."""
     return f"<think>{explain(scene, stepwise)}</think> <answer>{scene['answer']}</answer>"

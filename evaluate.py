@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict
@@ -232,15 +233,35 @@ def summarize(bench, rows):
             "unparsed": sum(not r["parsed"] for r in scored), "video_errors": len(rows) - len(scored)}
 
 
+STATED = re.compile(r"So the answer is (.+?), which is option")  # the closing sentence of data.explain
+OPTION_TEXT = re.compile(data.OPTION_LINE.pattern + r"(.+)$", re.MULTILINE)
+
+
+def stated_answer(completion, problem):
+    """The option that a completion's thought names in data.explain's closing sentence, as a letter: "... So
+    the answer is left, which is option A." in a problem whose options hold "C. left" gives "C". Read from
+    the option's words, not from the letter after "option", which GRPO can rewrite ("which is option
+    answer."). The thought is the text before the first </think>, read to the end when it is never closed
+    (a broken completion still says what it thought), and must hold <think>. Returns None when it does not,
+    when it holds no such sentence, or when the sentence's words are not an option of `problem` ("So the
+    answer is one, ..." in a direction question)."""
+    think = completion.split("</think>")[0]
+    m = STATED.search(think) if "<think>" in think else None
+    if m is None:
+        return None
+    options = {text: letter for letter, text in OPTION_TEXT.findall(problem)}
+    return options.get(m.group(1).strip())
+
+
 def thought_agreement(rows, problems):
     """Does the answer come from the thought? For Reason-mode result rows of the shapes task, whose thoughts
-    close as the cold start's do ("So the answer is left, which is option A."; data.stated_answer):
+    close as the cold start's do ("So the answer is left, which is option A."; stated_answer):
     stated: thoughts that name an option; read_off: the option named is the label (the accuracy of the
     thought alone); agree: the option named is the tag's letter. All in % of the scored rows, which
     count a thought that names no option as neither. problems: {row id: problem text with its options}.
     Raises KeyError when a row's id has no problem. Ours, not the paper's (README, Status)."""
     scored = [r for r in rows if "error" not in r]
-    said = [data.stated_answer(r["completion"], problems[r["id"]]) for r in scored]
+    said = [stated_answer(r["completion"], problems[r["id"]]) for r in scored]
     pct = lambda k: 100.0 * k / max(1, len(scored))
     return {"stated": pct(sum(s is not None for s in said)),
             "read_off": pct(sum(s is not None and s == r["answer"] for s, r in zip(said, scored))),

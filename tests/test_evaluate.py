@@ -223,7 +223,7 @@ def test_thought_agreement_counts_by_hand():
         ("E", "E", "<think>It stays.</think> <answer>E</answer> So the answer is it does not move, which is option E."),
         ("A", None, "<think>So the answer is left, which is option A.</think>"),                  # no tag: still read off
     ]
-    assert [data.stated_answer(c, problem) for _, _, c in rows] == ["A", "C", "D", None, None, "A"]
+    assert [E.stated_answer(c, problem) for _, _, c in rows] == ["A", "C", "D", None, None, "A"]
     items = [{"id": str(k), "answer": a, "prediction": p, "completion": c} for k, (a, p, c) in enumerate(rows)]
     items.append({"id": "6", "answer": "A", "error": "no video"})  # left out of the shares
     got = E.thought_agreement(items, {str(k): problem for k in range(7)})
