@@ -633,6 +633,9 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         sft-direction.json    sft.json's option records of the direction clips (a fifth of the
                               train clips), for the base stage's second part (train.py shapes_pipeline)
         sft-direction-all.json  every sft.json record of the direction clips, for its third part
+        sft-think.json        per train clip, the reason prompt answered with the thought in <think>
+                              tags and no answer tag, alone and then with the tagged question as the
+                              second turn: train.py shapes --think-part's fourth base part
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
         shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
     stepwise=True makes every other thought (reasoning record and cold start) the longer one that
@@ -661,7 +664,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
         for h, g in more:
             turns += [("human", h), ("gpt", g)]
         return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
-    sft, direction, direction_all = [], [], []
+    sft, direction, direction_all, think = [], [], [], []
     for i, s in enumerate(scenes["train"]):
         problem = format_options(s["question"], s["options"])
         first = len(sft)
@@ -681,6 +684,10 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
             # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
             # (type, letter) pair comes in both styles
             sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // len(QTYPES)) % 2 == 1)))
+        # A base that writes its thought in the tags and then answers the letter after it, as a pretrained
+        # model could: the cold start then only adds " <answer>X</answer>" (NOTES.md, session 23)
+        think_turn = (build_question(problem, "reason"), f"<think>{explain(s)}</think>")
+        think += [record(s, *think_turn), record(s, *think_turn, tag_turn)]
         if s["qtype"] == "direction":
             direction.append(sft[first])
             direction_all += sft[first:]
@@ -692,6 +699,7 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     (out / "sft-direction.json").write_text(json.dumps(direction, indent=1))
     (out / "sft-direction-all.json").write_text(json.dumps(direction_all, indent=1))
+    (out / "sft-think.json").write_text(json.dumps(think, indent=1))
     options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
                    tag_record=tag_record, multiturn=tag_record and multiturn)
     (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data

@@ -745,7 +745,7 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
 # The whole pipeline on the shapes task (CPU, minutes)
 
 def shapes_pipeline(argv):
-    """data -> base SFT from scratch (in three parts) -> cold start -> GRPO -> evaluate base (option),
+    """data -> base SFT from scratch (in three parts; four with --think-part) -> cold start -> GRPO -> evaluate base (option),
     cold start and R1 (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
     as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
     GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
@@ -777,6 +777,9 @@ def shapes_pipeline(argv):
     p.add_argument("--loss-type", choices=["grpo", "dr_grpo"], default="grpo", help="Figure 6: Dr. GRPO")
     p.add_argument("--tgrpo", action="store_true", help="Video-R1's T-GRPO")
     p.add_argument("--grpo-steps", type=int, default=None)
+    p.add_argument("--think-part", action="store_true",
+                   help="a fourth base part: the thought in its <think> tags, then the letter after it (sft-think.json), "
+                        "and a gentler cold start (NOTES.md, session 23)")
     p.add_argument("--reasoning-base", action="store_true",
                    help="a base stage that also learns the plain-text thought (NOTES.md, session 7); cold start 20 "
                         "epochs")
@@ -794,6 +797,9 @@ def shapes_pipeline(argv):
         print(f"== {name}: {times[name] / 60:.1f} min", flush=True)
 
     a.reasoning_base |= a.stepwise
+    if a.think_part and (a.reasoning_base or a.one_part_base):
+        raise ValueError("--think-part adds a part to the default base stage: not with --reasoning-base, --stepwise "
+                         "or --one-part-base")
     # The tagged option record (data.TAG_SUFFIX), not with --reasoning-base: measured without it (NOTES.md, session 15)
     tag = not (a.no_tag_record or a.reasoning_base)
     d, kind = out / "data", dict(reasoning_record=a.reasoning_base, stepwise=a.stepwise, tag_record=tag,
@@ -810,7 +816,8 @@ def shapes_pipeline(argv):
     paper_cold = a.no_rehearsal and not a.reasoning_base          # a cold start of its own, in its own folder
     rehearse = not (a.no_rehearsal or a.reasoning_base)
     base = out / "base"
-    cold = out / ("coldstart" + "-norehearsal" * paper_cold + "-onepart" * a.one_part_base)  # a folder per base
+    cold = out / ("coldstart" + "-norehearsal" * paper_cold + "-onepart" * a.one_part_base
+                  + "-think" * a.think_part)  # a folder per base
     epochs = a.base_epochs or S["base_epochs"]
     if not (base / "final").exists():
         stage("base SFT", lambda: main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out",
@@ -828,12 +835,13 @@ def shapes_pipeline(argv):
     # read (direction words right in the descriptions 50% -> 78%, R1's direction 30 -> 54; NOTES.md,
     # session 19).
     # Each part: its records, then the base stage's flags, then its own (the last --lr wins).
-    if not a.one_part_base:
-        missing = [records for _, records, _ in S["direction_parts"] if not (d / records).exists()]
+    parts = [] if a.one_part_base else S["direction_parts"] + [S["think_part"]] * a.think_part
+    if parts:
+        missing = [records for _, records, _ in parts if not (d / records).exists()]
         if missing:  # checked before any part trains
             raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out, "
                              "or --one-part-base")
-        for part, records, extra in S["direction_parts"]:
+        for part, records, extra in parts:
             prev, base = base, out / part
             if not (base / "final").exists():
                 stage(f"base SFT, {part}", lambda: main(
@@ -844,10 +852,12 @@ def shapes_pipeline(argv):
         stage("cold start", lambda: main(["--stage", "sft", "--init", str(base / "final"), "--data",
                                           str(d / "coldstart.json"), "--out", str(cold), "--seed", str(a.seed)]
                                          + S["cold"] + ["--epochs", "20"] * a.reasoning_base  # only the tags are new
+                                         + S["think_cold"] * a.think_part  # only the answer tag is new
                                          + (["--rehearse", str(d / "sft.json"), "--rehearse-ratio", "2",
                                              "--batch-size", "12"] if rehearse else [])))
     beta = "" if a.beta is None else "nokl" if a.beta == 0 else f"beta{a.beta:g}"  # a run dir per setting
-    name = "r1" + "".join(f"-{x}" for x, on in (("onepart", a.one_part_base), ("nocold", a.no_coldstart),
+    name = "r1" + "".join(f"-{x}" for x, on in (("onepart", a.one_part_base), ("think", a.think_part),
+                                                 ("nocold", a.no_coldstart),
                                                  ("norehearsal", paper_cold and not a.no_coldstart),
                                                  (a.reward, a.reward != "penalty"),
                                                  (beta, bool(beta)), ("drgrpo", a.loss_type == "dr_grpo"),
@@ -915,6 +925,9 @@ SHAPES = dict(train=2000, test=250, eval_tokens={"option": 4, "reason": 96}, bas
                                 ["--epochs", "60", "--rehearse-ratio", "0.25", "--schedule", "constant"]),
                                ("base-all", "sft-direction-all.json",
                                 ["--epochs", "5", "--rehearse-ratio", "1", "--lr", "5e-4"])],
+              # --think-part (NOTES.md, session 23): 2 epochs of its 4,000 records rehearse each of sft.json's 6,000 once
+              think_part=("base-think", "sft-think.json", ["--epochs", "2", "--rehearse-ratio", "0.75", "--lr", "5e-4"]),
+              think_cold=["--lr", "1e-4", "--epochs", "20"],
               cold=["--lr", "1e-3", "--schedule", "constant", "--warmup", "0", "--batch-size", "4", "--epochs", "60",
                     "--keep-videos-in-memory"],
               grpo=["--lr", "3e-4", "--beta", "0.1", "--G", "8", "--prompts-per-rank", "8", "--max-new-tokens", "96",
@@ -924,6 +937,8 @@ SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epoc
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
              direction_parts=[(part, records, ["--epochs", "2", "--rehearse-ratio", "1", "--max-steps", "1"])
                               for part, records, _ in SHAPES["direction_parts"]],
+             think_part=("base-think", "sft-think.json", ["--epochs", "1", "--rehearse-ratio", "1", "--max-steps", "1"]),
+             think_cold=["--lr", "5e-5"],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
                    "--max-steps", "2", "--quiet"])

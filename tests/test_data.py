@@ -353,6 +353,26 @@ def test_shapes_reasoning_record(tmp_path):
             assert cold[rec["video"]][1]["value"] == f"<think>{gpt}</think> <answer>{letter}</answer>"
 
 
+def test_shapes_think_records(tmp_path):
+    # sft-think.json (train.py shapes --think-part): per clip, the cold start's prompt answered with its
+    # thought in <think> tags and no answer tag, then the same with sft.json's tagged question as turn two
+    data.generate_shapes(tmp_path / "t", n_train=20, n_test=5, seed=1)
+    think = json.loads((tmp_path / "t" / "sft-think.json").read_text())
+    sft = json.loads((tmp_path / "t" / "sft.json").read_text())
+    cold = {c["video"]: c["conversations"] for c in json.loads((tmp_path / "t" / "coldstart.json").read_text())}
+    assert len(think) == 2 * 20 and len(cold) == 16
+    for i, (alone, two) in enumerate(zip(think[::2], think[1::2])):
+        assert alone["video"] == two["video"] == sft[3 * i]["video"]
+        assert two["conversations"][:2] == alone["conversations"] and len(two["conversations"]) == 4
+        assert two["conversations"][2:] == sft[3 * i + 1]["conversations"][2:]  # the tagged question and its letter
+        human, gpt = (turn["value"] for turn in alone["conversations"])
+        assert human.endswith(data.REASON_SUFFIX) and gpt.startswith("<think>") and gpt.endswith("</think>")
+        if alone["video"] in cold:  # the cold start's sample is this thought with the answer tag after it
+            letter = two["conversations"][3]["value"][len("<answer>")]
+            assert cold[alone["video"]] == [alone["conversations"][0],
+                                            {"from": "gpt", "value": f"{gpt} <answer>{letter}</answer>"}]
+
+
 def _observed_from_pixels(frames, scene):
     """What observe() should say, recomputed from the PIXELS: the colours shown, the first and last
     colour seen, the named shape's 3x3 cell at the first and last frame."""

@@ -83,3 +83,18 @@ def test_shapes_pipeline_stepwise_smoke(tmp_path):
     assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-beta0.5)"
     assert torch.load(out / "r1-beta0.5/final/train_state.pt", weights_only=False)["args"]["beta"] == 0.5
     assert torch.load(out / "r1/final/train_state.pt", weights_only=False)["args"]["beta"] != 0.5
+
+
+def test_shapes_pipeline_think_part_smoke(tmp_path):
+    # --think-part: a fourth base part on sft-think.json, from the third; its own cold start (at its own lr) and R1
+    out = tmp_path / "think"
+    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part"])
+    assert [r["name"] for r in res["results"]][2] == "TinyLLaVA-Video-R1 (r1-think)"
+    args = lambda part: torch.load(out / part / "final/train_state.pt", weights_only=False)["args"]
+    assert args("base-think")["init"] == str(out / "base-all/final") and args("base-think")["data"].endswith("sft-think.json")
+    assert args("base-think")["rehearse"].endswith("sft.json") and res["results"][0]["model"].endswith("base-think/final")
+    assert args("coldstart-think")["init"] == str(out / "base-think/final") and res["results"][1]["model"].endswith("coldstart-think/final")
+    assert args("coldstart-think")["lr"] == float(train.SMOKE["think_cold"][1]) != float(train.SMOKE["cold"][1])
+    assert args("r1-think")["init"] == str(out / "coldstart-think/final")
+    with pytest.raises(ValueError, match="--think-part adds a part"):
+        train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part", "--one-part-base"])
