@@ -745,14 +745,15 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
 # The whole pipeline on the shapes task (CPU, minutes)
 
 def shapes_pipeline(argv):
-    """data -> base SFT from scratch (in three parts; four with --think-part) -> cold start -> GRPO -> evaluate base (option),
-    cold start and R1 (reason) on the held-out split, printed in the layout of the paper's Table 1; Figure 4's curves
-    as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only
-    GRPO and its evaluation. Returns the results dict. Raises ValueError when the data in --out was
-    written for another base stage (its shapes_args.txt differs in --reasoning-base / --stepwise /
-    --no-tag-record / --single-turn), or lacks a direction part's records (sft-direction.json since session
-    18, sft-direction-all.json since 19; fine with --one-part-base), or when its base/ was trained for
-    another number of epochs than --base-epochs asks."""
+    """data -> base SFT from scratch (in three parts; four with --think-part) -> cold start -> GRPO ->
+    evaluate base (option), cold start and R1 (reason) on the held-out split, printed in the layout of the
+    paper's Table 1; Figure 4's curves as CSV (and PNG with matplotlib). Stages already on disk are reused,
+    so an ablation re-runs only GRPO and its evaluation. Returns the results dict. Raises ValueError when
+    the data in --out was written for another base stage (its shapes_args.txt differs in --reasoning-base /
+    --stepwise / --no-tag-record / --single-turn), or lacks a part's records (sft-direction.json since
+    session 18, sft-direction-all.json since 19: fine with --one-part-base; sft-think.json since 23: needed
+    by --think-part alone), when --think-part comes with --reasoning-base, --stepwise or --one-part-base,
+    or when its base/ was trained for another number of epochs than --base-epochs asks."""
     import evaluate
     p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
     p.add_argument("--out", default="runs/shapes")
@@ -839,8 +840,8 @@ def shapes_pipeline(argv):
     if parts:
         missing = [records for _, records, _ in parts if not (d / records).exists()]
         if missing:  # checked before any part trains
-            raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out, "
-                             "or --one-part-base")
+            raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out"
+                             + ("" if a.think_part else ", or --one-part-base"))
         for part, records, extra in parts:
             prev, base = base, out / part
             if not (base / "final").exists():
