@@ -98,6 +98,9 @@ def test_shapes_pipeline_think_part_smoke(tmp_path):
     assert args("r1-think")["init"] == str(out / "coldstart-think/final")
     with pytest.raises(ValueError, match="--think-part adds a part"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part", "--one-part-base"])
-    (out / "data/sft-think.json").rename(out / "data/away.json")  # a folder from before session 23
+    (out / "data/sft-think.json").rename(out / "data/away.txt")  # a folder from before session 23
     with pytest.raises(ValueError, match="has no sft-think.json .*: use another --out$"):
         train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part"])
+    without = train.tokenizer_texts(out / "data")  # the tokenizer of the default run is the one it was
+    (out / "data/away.txt").rename(out / "data/sft-think.json")
+    assert train.tokenizer_texts(out / "data") == without
