@@ -22,6 +22,7 @@ accuracy instead of stopping the run.
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -266,6 +267,27 @@ def thought_agreement(rows, problems):
     return {"stated": pct(sum(s is not None for s in said)),
             "read_off": pct(sum(s is not None and s == r["answer"] for s, r in zip(said, scored))),
             "agree": pct(sum(s is not None and s == r["prediction"] for s, r in zip(said, scored)))}
+
+
+def paired_comparison(rows_a, rows_b):
+    """Is model A's accuracy different from model B's on the same items, or within the test set's noise?
+    McNemar's exact test: only the items that one model gets right and the other wrong tell the two apart;
+    if neither model were better, each such item would go either way with probability 1/2, so the
+    two-sided p-value is 2 P(Binomial(a_only + b_only, 1/2) <= min(a_only, b_only)), at most 1. Items
+    whose video failed in either result are left out. rows_a, rows_b: result rows ("id", "correct").
+    Returns {"n": items compared, "diff": accuracy A - B in points, "a_only", "b_only": counts, "p"}.
+    Raises ValueError when the two results hold different item ids. Ours, not the paper's (README, Status)."""
+    a, b = ({r["id"]: r for r in rows} for rows in (rows_a, rows_b))
+    if a.keys() != b.keys():
+        raise ValueError(f"paired_comparison: the results hold different items ({len(a.keys() ^ b.keys())} ids "
+                         f"in one only, e.g. {sorted(a.keys() ^ b.keys())[:3]})")
+    ids = [i for i in a if "error" not in a[i] and "error" not in b[i]]
+    a_only = sum(a[i]["correct"] and not b[i]["correct"] for i in ids)
+    b_only = sum(b[i]["correct"] and not a[i]["correct"] for i in ids)
+    m = a_only + b_only
+    p = min(1.0, 2 * sum(math.comb(m, k) for k in range(min(a_only, b_only) + 1)) / 2 ** m)
+    return {"n": len(ids), "diff": 100.0 * (a_only - b_only) / max(1, len(ids)), "a_only": a_only,
+            "b_only": b_only, "p": p}
 
 
 # -----------------------------------------------------------------------------

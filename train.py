@@ -891,6 +891,12 @@ def shapes_pipeline(argv):
     print(f"\nshapes test set ({len(results[0]['items'])} clips), accuracy in %:")
     print(evaluate.table(results))
     per_task = {r["name"]: r["summary"]["tasks"] for r in results}
+    # A few clips either way are the test set's noise: McNemar's test on the clips only one model gets right
+    comparisons = {f"R1 - {who}": evaluate.paired_comparison(results[2]["items"], results[k]["items"])
+                   for k, who in ((1, "cold start"), (0, "base"))}
+    print("\nR1 on the same clips (evaluate.paired_comparison):\n" + "\n".join(
+        f"  {k}: {c['diff']:+.1f} points (R1 alone right on {c['a_only']}, the other alone on {c['b_only']}; "
+        f"McNemar exact p = {c['p']:.2g})" for k, c in comparisons.items()))
     print("\nper question type:\n" + "\n".join(f"  {n}: " + ", ".join(f"{t} {v:.0f}" for t, v in ts.items())
                                                  for n, ts in per_task.items()))
     # Does the tag's letter follow from the thought? (README, Status: mostly not; the tag reads the clip itself)
@@ -902,7 +908,7 @@ def shapes_pipeline(argv):
               f"{r['thoughts']['read_off']:.0f}% (read off), the tag's letter in {r['thoughts']['agree']:.0f}%")
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + ")")
-    return {"results": results, "times": times, "curves": r1 / "curves.csv"}
+    return {"results": results, "comparisons": comparisons, "times": times, "curves": r1 / "curves.csv"}
 
 
 # Sizes of the pipeline: the full run (24-30 minutes on 2 cores, as the machine's speed varies; see README) and the CI smoke run (seconds).

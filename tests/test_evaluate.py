@@ -230,3 +230,22 @@ def test_thought_agreement_counts_by_hand():
     assert got == {"stated": 100 * 4 / 6, "read_off": 100 * 2 / 6, "agree": 100 * 2 / 6}
     with pytest.raises(KeyError):
         E.thought_agreement(items, {})
+
+
+def test_paired_comparison_by_hand():
+    rows = lambda correct: [{"id": str(k), "correct": c} for k, c in enumerate(correct)]
+    a = rows([1, 1, 0, 0, 1, 1, 1, 1, 1, 1])  # right alone on items 0, 1; item 4-9 right in both
+    b = rows([0, 0, 1, 0, 1, 1, 1, 1, 1, 1])  # right alone on item 2; both wrong on item 3
+    got = E.paired_comparison(a, b)
+    # 3 discordant items, 1 of them B's: p = 2 (C(3,0) + C(3,1)) / 2^3 = 1 (capped)
+    assert got == {"n": 10, "diff": 10.0, "a_only": 2, "b_only": 1, "p": 1.0}
+    a7 = rows([1] * 8 + [0] * 6)  # 1 item for A alone, 6 for B alone, 7 right in both
+    b7 = rows([1] * 7 + [0] + [1] * 6)
+    got = E.paired_comparison(a7, b7)
+    assert (got["a_only"], got["b_only"]) == (1, 6) and got["diff"] == pytest.approx(100 * -5 / 14)
+    assert got["p"] == pytest.approx(2 * (1 + 7) / 2 ** 7)  # 0.125
+    assert E.paired_comparison(a7, a7)["p"] == 1.0  # no discordant item
+    b_err = b7[:3] + [{"id": "3", "error": "no video"}] + b7[4:]
+    assert E.paired_comparison(a7, b_err)["n"] == 13  # left out in both
+    with pytest.raises(ValueError, match="different items"):
+        E.paired_comparison(a7, b7[:-1])

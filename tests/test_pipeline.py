@@ -24,6 +24,10 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     for r in res["results"][1:]:  # the Reason-mode rows: does the letter follow from the thought?
         assert r["thoughts"] == evaluate.thought_agreement(r["items"], problems)
         assert f"{r['name']}: the thought names an option in {r['thoughts']['stated']:.0f}%" in printed
+    r1, cold, base = (r["items"] for r in res["results"][::-1])
+    assert res["comparisons"] == {"R1 - cold start": evaluate.paired_comparison(r1, cold),
+                                  "R1 - base": evaluate.paired_comparison(r1, base)}
+    assert f"R1 - base: {res['comparisons']['R1 - base']['diff']:+.1f} points" in printed
     curves = (out / "r1/curves.csv").read_text().splitlines()
     assert curves[0] == "step,completion_length,rewards/accuracy,rewards/format,reward,kl,well_formed,think_length,rewards/temporal" and len(curves) == 3
     # the base stage in three parts, each from the one before; the base evaluated is the last
