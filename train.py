@@ -749,8 +749,9 @@ def grpo_step(model, ref_model, tok, samples, pixels, global_idx, args, step, de
 def shapes_pipeline(argv):
     """data -> base SFT from scratch (in three parts; four with --think-part) -> cold start -> GRPO ->
     evaluate base (option), cold start and R1 (reason) on the held-out split, printed in the layout of the
-    paper's Table 1; Figure 4's curves as CSV (and PNG with matplotlib). Stages already on disk are reused,
-    so an ablation re-runs only GRPO and its evaluation. Returns the results dict. Raises ValueError when
+    paper's Table 1, with R1 against the cold start and the base on the same clips (McNemar's test);
+    Figure 4's curves as CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation
+    re-runs only GRPO and its evaluation. Returns the results dict. Raises ValueError when
     the data in --out was written for another base stage (its shapes_args.txt differs in --reasoning-base /
     --stepwise / --no-tag-record / --single-turn), or lacks a part's records (sft-direction.json since
     session 18, sft-direction-all.json since 19: fine with --one-part-base; sft-think.json since 23: needed
@@ -890,13 +891,13 @@ def shapes_pipeline(argv):
         results.append(json.loads(res.read_text()))
     print(f"\nshapes test set ({len(results[0]['items'])} clips), accuracy in %:")
     print(evaluate.table(results))
-    per_task = {r["name"]: r["summary"]["tasks"] for r in results}
     # A few clips either way are the test set's noise: McNemar's test on the clips only one model gets right
     comparisons = {f"R1 - {who}": evaluate.paired_comparison(results[2]["items"], results[k]["items"])
                    for k, who in ((1, "cold start"), (0, "base"))}
     print("\nR1 on the same clips (evaluate.paired_comparison):\n" + "\n".join(
         f"  {k}: {c['diff']:+.1f} points (R1 alone right on {c['a_only']}, the other alone on {c['b_only']}; "
         f"McNemar exact p = {c['p']:.2g})" for k, c in comparisons.items()))
+    per_task = {r["name"]: r["summary"]["tasks"] for r in results}
     print("\nper question type:\n" + "\n".join(f"  {n}: " + ", ".join(f"{t} {v:.0f}" for t, v in ts.items())
                                                  for n, ts in per_task.items()))
     # Does the tag's letter follow from the thought? (README, Status: mostly not; the tag reads the clip itself)

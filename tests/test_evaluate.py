@@ -234,7 +234,7 @@ def test_thought_agreement_counts_by_hand():
 
 def test_paired_comparison_by_hand():
     rows = lambda correct: [{"id": str(k), "correct": c} for k, c in enumerate(correct)]
-    a = rows([1, 1, 0, 0, 1, 1, 1, 1, 1, 1])  # right alone on items 0, 1; item 4-9 right in both
+    a = rows([1, 1, 0, 0, 1, 1, 1, 1, 1, 1])  # right alone on items 0, 1; items 4-9 right in both
     b = rows([0, 0, 1, 0, 1, 1, 1, 1, 1, 1])  # right alone on item 2; both wrong on item 3
     got = E.paired_comparison(a, b)
     # 3 discordant items, 1 of them B's: p = 2 (C(3,0) + C(3,1)) / 2^3 = 1 (capped)
