@@ -912,7 +912,7 @@ def shapes_pipeline(argv):
     return {"results": results, "comparisons": comparisons, "times": times, "curves": r1 / "curves.csv"}
 
 
-# Sizes of the pipeline: the full run (24-30 minutes on 2 cores, as the machine's speed varies; see README) and the CI smoke run (seconds).
+# Sizes of the pipeline: the full run (21-30 minutes on 2 cores, as the machine's speed varies; see README) and the CI smoke run (seconds).
 # The base stage's lr 1e-3: at 2e-3 its Option accuracy ranged 43-64% with the random initialisation, at
 # 1e-3 three seeds gave 59-65% (NOTES.md, session 9); 3 epochs instead of 2: 84.4% (NOTES.md, session 11).
 # 4 epochs (--base-epochs 4) give a better cold start and R1, but GRPO adds less to them and the
