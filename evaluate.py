@@ -278,9 +278,9 @@ def paired_comparison(rows_a, rows_b):
     Returns {"n": items compared, "diff": accuracy A - B in points, "a_only", "b_only": counts, "p"}.
     Raises ValueError when the two results hold different item ids. Ours, not the paper's (README, Status)."""
     a, b = ({r["id"]: r for r in rows} for rows in (rows_a, rows_b))
-    if a.keys() != b.keys():
-        raise ValueError(f"paired_comparison: the results hold different items ({len(a.keys() ^ b.keys())} ids "
-                         f"in one only, e.g. {sorted(a.keys() ^ b.keys())[:3]})")
+    if only_one := sorted(a.keys() ^ b.keys()):
+        raise ValueError(f"paired_comparison: the results hold different items ({len(only_one)} ids in one only, "
+                         f"e.g. {only_one[:3]})")
     ids = [i for i in a if "error" not in a[i] and "error" not in b[i]]
     a_only = sum(a[i]["correct"] and not b[i]["correct"] for i in ids)
     b_only = sum(b[i]["correct"] and not a[i]["correct"] for i in ids)

@@ -947,7 +947,7 @@ SMOKE = dict(train=20, test=5, eval_tokens={"option": 2, "reason": 8}, base_epoc
              base=["--lr", "2e-3", "--batch-size", "8", "--max-steps", "2", "--quiet", "--train-vision"],
              direction_parts=[(part, records, ["--epochs", "2", "--rehearse-ratio", "1", "--max-steps", "1"])
                               for part, records, _ in SHAPES["direction_parts"]],
-             think_part=("base-think", "sft-think.json", ["--epochs", "1", "--rehearse-ratio", "1", "--max-steps", "1"]),
+             think_part=(*SHAPES["think_part"][:2], ["--epochs", "1", "--rehearse-ratio", "1", "--max-steps", "1"]),
              think_cold=["--lr", "5e-5"],
              cold=["--lr", "1e-4", "--schedule", "constant", "--batch-size", "4", "--max-steps", "1", "--quiet"],
              grpo=["--lr", "1e-4", "--G", "4", "--prompts-per-rank", "2", "--max-new-tokens", "8", "--ml", "300",
