@@ -5,15 +5,18 @@ Video in, prompts out: everything TinyLLaVA-Video-R1 reads before the model sees
 2. preprocess       -- frames -> SigLIP pixels: bicubic resize to S x S, x / 127.5 - 1 (SPEC.md s1)
 3. prompts          -- the qwen2_base chat template and the two answer modes (SPEC.md s1, s4; paper s3.3)
 4. readers          -- NextQA RL jsonl and LLaVA cold-start json (SPEC.md s6)
-5. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
+5. training feed    -- VideoLoader (failures counted, never substituted), rehearsal_mix
+6. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
 
 Run:
     python data.py shapes --out data/shapes --train 2000 --test 250 --seed 0
-    python data.py bench                      # our reader vs decode-everything-then-pick
+    python tests/bench.py video               # our reader vs decode-everything-then-pick
 """
 import argparse
 import json
 import math
+import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -366,7 +369,80 @@ def _field(rec, name, where, kind=str):
 
 
 # -----------------------------------------------------------------------------
-# 5. The synthetic "shapes" task
+# 5. Feeding the training loop: clips, with failures counted; mixed SFT data
+
+# Decoded clips kept by VideoLoader(keep_in_memory=True), shared by every run in this process: the shapes
+# pipeline's stages read the same clips (about 8 ms each to decode on the shapes task).
+_KEPT = {}
+
+
+class VideoLoader:
+    """Loads and preprocesses a sample's frames; counts failures and stops the run past a fraction.
+    With keep_in_memory, each clip is decoded once per process and its pixels kept (float32,
+    T*3*S*S*4 bytes: 192 KiB for the shapes task's 16 x 32 x 32 frames; callers must not modify them in
+    place), keyed by the file's path, size and modification time and the frames asked for, so a file
+    written again is decoded again. On the shapes task decoding was a third of a base step."""
+
+    def __init__(self, num_frames, size, max_bad_fraction, keep_in_memory=False, rank=0):
+        self.num_frames, self.size, self.max_bad = num_frames, size, max_bad_fraction
+        self.seen, self.bad = 0, []
+        self.keep, self.rank = keep_in_memory, rank
+
+    def __call__(self, path):
+        """Returns float32 (T, 3, S, S) in [-1, 1], or None (with a warning) when the video cannot be read.
+        Raises: RuntimeError when, after 20 videos, more than max_bad_fraction of them have failed."""
+        self.seen += 1
+        try:
+            st = os.stat(path)
+            key = (str(path), st.st_size, st.st_mtime_ns, self.num_frames, self.size)
+            if self.keep and key in _KEPT:
+                return _KEPT[key]
+            pixels = preprocess(load_video(path, self.num_frames), self.size)
+            if self.keep:
+                _KEPT[key] = pixels
+            return pixels
+        except (FileNotFoundError, ValueError) as e:
+            self.bad.append(str(path))
+            print(f"[rank {self.rank}] WARNING: skipping sample, {e}", flush=True)
+            if len(self.bad) > max(1, self.max_bad * self.seen) and self.seen >= 20:
+                raise RuntimeError(f"{len(self.bad)} of {self.seen} videos failed (more than "
+                                   f"--max-bad-fraction {self.max_bad}): {self.bad[:20]}")
+            return None
+
+
+def batch_indices(n_items, step, per_rank, rank, world, seed):
+    """This rank's item indices for a step: epoch e's order is a permutation seeded by (seed, e);
+    a global batch is world * per_rank consecutive items of it; rank r takes its slice.
+    Returns (indices, each item's position in the global batch: what seeds its sampling)."""
+    per_step = per_rank * world
+    epoch, k = divmod(step, n_items // per_step)
+    order = np.random.default_rng([seed, epoch]).permutation(n_items)
+    start = k * per_step + rank * per_rank
+    return [int(i) for i in order[start:start + per_rank]], [rank * per_rank + j for j in range(per_rank)]
+
+
+def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data"):
+    """SFT on new data that keeps what the previous stage taught (not in the paper: the tiny model is
+    trained from scratch, and its cold start would otherwise forget): `epochs` copies of `samples` plus
+    `ratio` (a float) times as many records, rounded, of the previous stage's SFT data `old`, drawn
+    without replacement (each used once), to be read as ONE shuffled epoch, so that every batch mixes
+    the new format with the old skills. Without it the tiny shapes model, cold-started for 60 epochs on
+    16 samples, forgets how to describe a clip (the loss of the base's own descriptions goes 0.31 ->
+    0.97 nats a token; with ratio 1, 0.38; with ratio 2, 0.34). The shapes base stage's direction parts
+    use it too (train.shapes_pipeline).
+    Returns: list of epochs * len(samples) + n Sample (the samples, then the records), where
+        n = round(ratio * epochs * len(samples)).
+    Raises: ValueError if `old` (read from `where`) holds fewer than n records.
+    """
+    n = round(ratio * epochs * len(samples))
+    if len(old) < n:
+        raise ValueError(f"{where}: {len(old)} records, fewer than the {n} that {epochs} epochs of "
+                         f"{len(samples)} samples rehearse with at {ratio:g} each")
+    return samples * epochs + random.Random(seed).sample(old, n)
+
+
+# -----------------------------------------------------------------------------
+# 6. The synthetic "shapes" task
 #
 # Each clip shows 1-5 coloured shapes on a mid-grey background. Every shape in a clip has its own
 # colour, so a question can name it. Five question types, four of which need the ORDER of the
@@ -541,48 +617,17 @@ def _sentence(text):
     return text[0].upper() + text[1:] + "."
 
 
-def observe(scene):
-    """A first step that looks before it describes, built on what the tiny model reads well (the
-    colours in a clip, the first and last colour shown) and narrowing the five options down (NOTES.md,
-    session 8). E.g. "The colours are red and blue. The last one seen is blue." """
-    objs, q = scene["objects"], scene["qtype"]
-    shown = _shown(scene)
-    step = f"The colour{'s are' if len(shown) > 1 else ' is'} {_listed(shown)}"
-    if q == "count":
-        return step + (", one shape each." if len(shown) > 1 else ", one shape.")
-    if q == "appear_first":
-        return step + f". The first one seen is {min(objs, key=lambda o: o.on[0]).colors[0]}."
-    if q == "leave_first":
-        return step + f". The last one seen is {max(objs, key=lambda o: o.on[1]).colors[0]}."
-    if q == "direction":
-        o = objs[0]
-        x0, y0, x1, y1 = o.path
-        return f"The {o.colors[0]} {o.shape} starts {_where(x0, y0)} and ends {_where(x1, y1)}."
-    return step + "."
-
-
-def _where(x, y):
-    # the cell of a 3x3 grid over the 64-pixel frame: "at the top left", "in the middle", ...
-    row = ("top", "middle", "bottom")[(y > 21) + (y > 42)]
-    col = ("left", "middle", "right")[(x > 21) + (x > 42)]
-    if row == col == "middle":
-        return "in the middle"
-    return f"at the {row}" if col == "middle" else f"at the {col}" if row == "middle" else f"at the {row} {col}"
-
-
-def explain(scene, stepwise=False):
+def explain(scene):
     """The templated thought, without tags: the description, then the option. E.g. "The red circle
-    moves right; the blue square stays still. So the answer is right, which is option B."
-    stepwise=True puts observe(scene) first: a longer thought with one more step."""
+    moves right; the blue square stays still. So the answer is right, which is option B." """
     letter = scene["answer"]
     chosen = scene["options"][LETTERS.index(letter)]
-    look = f"{observe(scene)} " if stepwise else ""
-    return f"{look}{describe(scene)} So the answer is {chosen}, which is option {letter}."
+    return f"{describe(scene)} So the answer is {chosen}, which is option {letter}."
 
 
-def reasoning(scene, stepwise=False):
-    """The chain of thought of a cold-start sample: explain(scene, stepwise) in <think>, then the letter."""
-    return f"<think>{explain(scene, stepwise)}</think> <answer>{scene['answer']}</answer>"
+def reasoning(scene):
+    """The chain of thought of a cold-start sample: explain(scene) in <think>, then the letter."""
+    return f"<think>{explain(scene)}</think> <answer>{scene['answer']}</answer>"
 
 
 def write_mp4(frames, path, fps=FPS):
@@ -610,36 +655,27 @@ def _make_sample(job):
 
 # The base stage's tagged record: the option question asking for the letter inside <answer> tags. A
 # pretrained language model follows such an instruction; a model trained from scratch has to see it, or
-# the letter after "<answer>" is learned from the cold start's 16 clips alone (cold start 50.0 -> 56.4%
-# Reason with it, R1 63.2 -> 72.4; NOTES.md, session 15). Asked as the second turn of the description's
-# conversation (multiturn), the letter is read after text, as in R1 after a thought: cold start 71.6,
-# R1 81.6-84.0 over three GRPO seeds (NOTES.md, session 16).
+# it learns the letter after "<answer>" from the cold start's 16 clips alone (cold start 50.0 -> 56.4%
+# Reason with it, R1 63.2 -> 72.4). Asked as the second turn of the description's conversation, the
+# letter is read after text, as in R1 after a thought (cold start 71.6, R1 81.6-84.0 over three GRPO
+# seeds, against 56.4 and 72.4-76.8 as a record of its own).
 TAG_SUFFIX = "Answer with the option's letter in <answer> </answer> tags."
 
 
-def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_record=False, stepwise=False,
-                    tag_record=True, multiturn=True):
+def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
     """Write the shapes data set to `out`:
         videos/*.mp4          H.264 clips, 16-32 frames, 64x64, 8 fps
         train.jsonl, test.jsonl  NextQA RL format (problem / solution / video_filename ...)
-        sft.json              LLaVA format, for training the tiny base model from scratch: per train
-                              clip one option-mode QA (answer = the letter), with tag_record=True
-                              the same question answered "<answer>X</answer>" (TAG_SUFFIX), one
-                              description of what the question asks about, asked with the question
-                              and its options (with multiturn=True the tagged question is this
-                              conversation's second turn), and the list of its colours; with
-                              reasoning_record=True one more: the reason-mode prompt answered with
-                              the thought in plain text, no tags (explain(); NOTES.md, session 7)
+        sft.json              LLaVA format, for training the tiny base model from scratch; per train
+                              clip: the option-mode QA (answer = the letter); a description of what the
+                              question asks about, asked with the question and its options, followed by
+                              the option question answered "<answer>X</answer>" (TAG_SUFFIX) as the
+                              conversation's second turn; and the list of the clip's colours
         sft-direction.json    sft.json's option records of the direction clips (a fifth of the
                               train clips), for the base stage's second part (train.py shapes_pipeline)
         sft-direction-all.json  every sft.json record of the direction clips, for its third part
-        sft-think.json        per train clip, the reason prompt answered with the thought in <think>
-                              tags and no answer tag, alone and then with the tagged question as the
-                              second turn: train.py shapes --think-part's fourth base part
         coldstart.json        LLaVA format, 16 train clips with templated <think>/<answer> reasoning
-        shapes_args.txt       the arguments that wrote the folder, as JSON (train.py shapes checks them)
-    stepwise=True makes every other thought (reasoning record and cold start) the longer one that
-    first observes (explain(s, stepwise=True)), so that GRPO has two lengths of thought to choose from.
+        shapes_args.txt       the arguments that wrote the folder, as JSON
     Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
     Returns: {"train": [scene, ...], "test": [...]}.
     """
@@ -658,85 +694,50 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2, reasoning_
                              "data_type": "video", "problem_id": i, "problem_type": "multiple choice"})
                  for i, s in enumerate(items)]
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    def record(s, human, gpt, *more):
-        """A LLaVA record; `more` = further (human, gpt) turns of the same conversation."""
-        turns = [("human", f"{IMAGE_TOKEN}\n{human}"), ("gpt", gpt)]
-        for h, g in more:
-            turns += [("human", h), ("gpt", g)]
-        return {"video": f"./{s['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
-    sft, direction, direction_all, think = [], [], [], []
-    for i, s in enumerate(scenes["train"]):
+    sft, direction, direction_all = [], [], []
+    for s in scenes["train"]:
         problem = format_options(s["question"], s["options"])
         first = len(sft)
-        sft.append(record(s, build_question(problem, "option", "\n"), s["answer"]))
-        # asked with the options, as the reason prompt asks: the thought after it then starts from the same
-        # context as the description (R1 82.0 against 79.2, cold start 51.6 against 66.0; NOTES.md, session 19)
-        describe_turn = (f"{problem}\nDescribe what happens in the video.", describe(s))
-        tag_turn = (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")
-        if tag_record and multiturn:  # the letter read ~64 tokens after the video's turn, as after a thought
-            sft.append(record(s, *describe_turn, tag_turn))
-        else:
-            if tag_record:
-                sft.append(record(s, *tag_turn))
-            sft.append(record(s, *describe_turn))
-        sft.append(record(s, "Which colours are in the video?", colours(s)))
-        if reasoning_record:  # a base model that reasons in words, as the paper's did, but not in the format
-            # stepwise: sample i of type i % 5 alternates styles with its letter cycle, so every
-            # (type, letter) pair comes in both styles
-            sft.append(record(s, build_question(problem, "reason"), explain(s, stepwise and (i // len(QTYPES)) % 2 == 1)))
-        # A base that writes its thought in the tags and then answers the letter after it, as a pretrained
-        # model could: the cold start then only adds " <answer>X</answer>" (NOTES.md, session 23)
-        think_turn = (build_question(problem, "reason"), f"<think>{explain(s)}</think>")
-        think += [record(s, *think_turn), record(s, *think_turn, tag_turn)]
+        sft.append(_record(s, build_question(problem, "option", "\n"), s["answer"]))
+        # Described when asked with the options, as the reason prompt asks: the thought after it then
+        # starts from the same context as the description (R1 82.0 against 79.2 without the options)
+        sft.append(_record(s, f"{problem}\nDescribe what happens in the video.", describe(s),
+                           (f"{problem}\n{TAG_SUFFIX}", f"<answer>{s['answer']}</answer>")))
+        sft.append(_record(s, "Which colours are in the video?", colours(s)))
         if s["qtype"] == "direction":
             direction.append(sft[first])
             direction_all += sft[first:]
     # A stride of 6 (less for tiny splits) puts all five question types and letters among the 16.
     step = max(1, min(6, len(scenes["train"]) // 16))
-    cold = [record(s, build_question(format_options(s["question"], s["options"]), "reason"),
-                   reasoning(s, stepwise and k % 2 == 1))  # k % 2: both styles for every type
-            for k, s in enumerate(scenes["train"][::step][:16])]
+    cold = [_record(s, build_question(format_options(s["question"], s["options"]), "reason"), reasoning(s))
+            for s in scenes["train"][::step][:16]]
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     (out / "sft-direction.json").write_text(json.dumps(direction, indent=1))
     (out / "sft-direction-all.json").write_text(json.dumps(direction_all, indent=1))
-    (out / "sft-think.json").write_text(json.dumps(think, indent=1))
-    options = dict(train=n_train, test=n_test, seed=seed, reasoning_record=reasoning_record, stepwise=stepwise,
-                   tag_record=tag_record, multiturn=tag_record and multiturn)
-    (out / "shapes_args.txt").write_text(json.dumps(options))  # JSON; not *.json, which holds LLaVA data
+    (out / "shapes_args.txt").write_text(json.dumps(dict(train=n_train, test=n_test, seed=seed)))
     (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
     return scenes
 
 
-# -----------------------------------------------------------------------------
-# Benchmark: our reader vs decode-everything-then-pick
+def _record(scene, human, gpt, *more):
+    """A LLaVA record about the scene's clip; `more` = further (human, gpt) turns of the conversation."""
+    turns = [("human", f"{IMAGE_TOKEN}\n{human}"), ("gpt", gpt)]
+    for h, g in more:
+        turns += [("human", h), ("gpt", g)]
+    return {"video": f"./{scene['video']}", "conversations": [{"from": w, "value": v} for w, v in turns]}
 
-def bench(path="/tmp/bench_30s.mp4", repeats=3):
-    """Time 16 frames from a 30 s, 30 fps, 640x360 H.264 clip: load_video vs load_video_reference."""
-    if not Path(path).exists():
-        t = np.arange(900)[:, None, None]
-        x = np.arange(640)[None, None, :]
-        with av.open(path, "w") as out:
-            s = out.add_stream("libx264", rate=30)
-            s.width, s.height, s.pix_fmt = 640, 360, "yuv420p"
-            for i in range(900):
-                img = np.zeros((360, 640, 3), np.uint8)
-                img[..., 0] = ((x + 3 * t[i]) % 256).astype(np.uint8)
-                img[100:200, (2 * i) % 600:(2 * i) % 600 + 40] = 255
-                out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            out.mux(s.encode())
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            frames = fn(path, 16)
-            times.append(time.perf_counter() - t0)
-        return min(times), frames
-    ours, a = best(load_video)
-    ref, b = best(load_video_reference)
-    assert np.array_equal(a, b), "readers disagree"
-    print(f"16 frames of {path} (30 s, 30 fps, 640x360 H.264), best of {repeats}:")
-    print(f"  decode-all-then-pick {ref * 1000:7.1f} ms\n  load_video           {ours * 1000:7.1f} ms"
-          f"\n  speed-up             {ref / ours:7.1f}x")
+
+def tokenizer_texts(folder):
+    """Every text the tiny model will read or write, for training its tokenizer (model.build_tokenizer):
+    the prompt templates and every question, answer and earlier turn of the folder's *.json (LLaVA) and
+    *.jsonl (NextQA) files, in sorted file order, four times over. Returns list[str]."""
+    texts = [chat_prompt(build_question("", m)) for m in ("reason", "option")]
+    for f in sorted(Path(folder).glob("*.json")):
+        for s in read_llava_json(f):
+            texts += [s.question, s.target or ""] + [text for turn in s.history for text in turn]
+    for f in sorted(Path(folder).glob("*.jsonl")):
+        texts += [s.question for s in read_nextqa_jsonl(f)]
+    return texts * 4
 
 
 if __name__ == "__main__":
@@ -748,16 +749,8 @@ if __name__ == "__main__":
     s.add_argument("--test", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--reasoning-record", action="store_true", help="sft.json: + the plain-text thought per clip")
-    s.add_argument("--stepwise", action="store_true", help="every other thought first observes (longer)")
-    s.add_argument("--no-tag-record", action="store_true", help="sft.json without the option QA answered in tags")
-    s.add_argument("--single-turn", action="store_true", help="the tagged option QA as a record of its own")
-    sub.add_parser("bench", help="time load_video against decode-all-then-pick")
     args = p.parse_args()
     if args.cmd == "shapes":
         t0 = time.time()
-        generate_shapes(args.out, args.train, args.test, args.seed, args.workers, args.reasoning_record,
-                        args.stepwise, not args.no_tag_record, not args.single_turn)
+        generate_shapes(args.out, args.train, args.test, args.seed, args.workers)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")
-    else:
-        bench()

@@ -23,7 +23,6 @@ accuracy instead of stopping the run.
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -38,6 +37,7 @@ import torch.distributed as dist
 import data
 import model as M
 import rewards
+from train import dist_init, print0
 
 
 @dataclass
@@ -321,6 +321,55 @@ def task_table(summary):
 
 
 # -----------------------------------------------------------------------------
+# The shapes pipeline's report (train.py shapes)
+
+def shapes_report(results, test_file):
+    """Print the pipeline's results: the Table-1 layout; R1 against the cold start and the base on the
+    same clips (a few clips either way are the test set's noise: McNemar's test on the clips only one
+    model gets right); per question type; whether each Reason row's letter follows from its thought
+    (adds r["thoughts"] to those rows). Returns the comparisons."""
+    print(f"\nshapes test set ({len(results[0]['items'])} clips), accuracy in %:")
+    print(table(results))
+    comparisons = {f"R1 - {who}": paired_comparison(results[2]["items"], results[k]["items"])
+                   for k, who in ((1, "cold start"), (0, "base"))}
+    print("\nR1 on the same clips (paired_comparison):\n" + "\n".join(
+        f"  {k}: {c['diff']:+.1f} points (R1 alone right on {c['a_only']}, the other alone on {c['b_only']}; "
+        f"McNemar exact p = {c['p']:.2g})" for k, c in comparisons.items()))
+    print("\nper question type:\n" + "\n".join(
+        f"  {r['name']}: " + ", ".join(f"{t} {v:.0f}" for t, v in r["summary"]["tasks"].items()) for r in results))
+    problems = {it.id: it.problem for it in load_jsonl(test_file)}
+    print("\nthe thoughts (Reason mode; thought_agreement):")
+    for r in results[1:]:
+        r["thoughts"] = t = thought_agreement(r["items"], problems)
+        print(f"  {r['name']}: the thought names an option in {t['stated']:.0f}%, the right one in "
+              f"{t['read_off']:.0f}% (read off), the tag's letter in {t['agree']:.0f}%")
+    return comparisons
+
+
+def write_curves(run):
+    """Figure 4's curves from a GRPO run's metrics.jsonl: curves.csv always, curves.png with matplotlib."""
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl", "well_formed",
+            "think_length", "rewards/temporal"]
+    # "" where a run did not log a key: rewards/temporal without --tgrpo
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    (run / "curves.csv").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, k in zip(axes, keys[1:4]):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], lw=0.8)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(run / "curves.png", dpi=120)
+
+
+# -----------------------------------------------------------------------------
 # The model as a policy
 
 def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0, top_p=1.0, seed=0):
@@ -342,46 +391,58 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
     return policy
 
 
-def main(argv=None):
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv and argv[0] == "table":
-        print(table([json.loads(Path(f).read_text()) for f in argv[1:]]))
-        return
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    p.add_argument("--bench", choices=sorted(LOADERS), required=True)
+    p.add_argument("--bench", choices=sorted(LOADERS), required=True, help="which benchmark's loader")
     p.add_argument("--data-root", required=True, help="the benchmark's local folder (jsonl: the file)")
-    p.add_argument("--mode", choices=["option", "reason"], default="reason")
+    p.add_argument("--mode", choices=["option", "reason"], default="reason", help="answer with the letter / think")
     p.add_argument("--out", required=True, help="results JSON (and <out>.rank<r>.jsonl while running)")
     p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
-    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--num-frames", type=int, default=16, help="frames per clip")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 option, 512 reason")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="sampling and --guess-unparsed")
     p.add_argument("--reason-sep", choices=["newline", "space"], default="newline",
                    help="how the reason suffix joins the question: newline (reference eval) or space (RL training)")
     p.add_argument("--guess-unparsed", action="store_true", help="the reference's random guess for unparsed answers")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (a quick look)")
     p.add_argument("--batch-size", type=int, default=8, help="items decoded together (per rank)")
-    args = p.parse_args(argv)
+    return p
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+def settings(**overrides):
+    """The flags' defaults with `overrides` (flag names with _ for -): how train.py shapes calls run().
+    Raises TypeError for a name that is not a flag, ValueError when --model, --bench, --data-root or
+    --out is missing."""
+    p = parser()
+    defaults = {a.dest: a.default for a in p._actions if a.dest != "help"}
+    if set(overrides) - set(defaults):
+        raise TypeError(f"not evaluate.py flags: {sorted(set(overrides) - set(defaults))}")
+    args = argparse.Namespace(**{**defaults, **overrides})
+    missing = [a.dest for a in p._actions if a.required and getattr(args, a.dest) is None]
+    if missing:
+        raise ValueError(f"missing settings: {missing}")
+    return args
+
+
+def run(args):
+    """Evaluate args.model on args.bench; items are sharded over torchrun's ranks and gathered on rank 0,
+    which writes args.out and prints the tables. Returns the result dict on rank 0, else None."""
+    rank, world, device = dist_init()
     items = LOADERS[args.bench](args.data_root)
     items = items[:args.limit] if args.limit else items
     model, tok = M.from_pretrained(args.model, device=device)
     model.eval()
-    policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    log = print if rank == 0 else (lambda *a: None)
-    log(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
+    policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          args.seed)
+    print0(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
     evaluate(items, policy, args.mode, args.out, args.num_frames, model.cfg.image_size,
-             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, log,
+             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, print0,
              args.batch_size)
+    result = None
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -393,8 +454,17 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(task_table(summary))
         print(table([result]))
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
+    return result
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "table":
+        print(table([json.loads(Path(f).read_text()) for f in argv[1:]]))
+        return
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ Also here: loading and saving checkpoints in the released layout (SPEC.md s2), a
 tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
 once, prefill each prompt once, copy its KV cache G times, decode all prompts' G rows together.
 
-Try:  python model.py bench      (our sampler vs HF generate(); 8 prompts one by one vs together; CPU)
-      python model.py random-init OUT TOKENIZER_DIR   (a full-size model with random weights, for GPU figures)
+Benchmarks (our sampler against HF generate(), prompts one by one against together) and a full-size
+random checkpoint for GPU figures: python tests/bench.py sampler | random-init OUT TOKENIZER_DIR
 """
 import json
 import math
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -228,19 +227,39 @@ class TinyLlavaVideo(nn.Module):
         self.vision_tower = VisionTower(cfg)
         self.connector = Connector(cfg)
 
+    # The pipeline, a method a stage: vision_features -> connect -> splice -> language model. Each stage
+    # that runs parameters is an FSDP forward method (shard_model), so callers never reach a submodule.
+
+    def vision_features(self, pixels):
+        """1. The frozen vision tower: pixels float (T, 3, S, S) in [-1, 1] -> features (T, P, Dv), with
+        P = (S / patch)^2 - 1 (hidden_states[-2], token 0 dropped). Frozen in every stage of the paper, so a
+        GRPO step runs it once per video and shares the features among the rollout, the policy's
+        backward and the reference model."""
+        return self.vision_tower(pixels.to(self.connector._connector.linear.weight.dtype))
+
+    def connect(self, features):
+        """2. The connector: a list of B float (T_b, P, Dv), one per video -> video embeddings (B, Q, D).
+        Gradient flows when called outside no_grad (the connector is trained)."""
+        return torch.stack([self.connector(f) for f in features])
+
     def encode_video(self, pixels):
-        """pixels: float (T, 3, S, S) of one video -> connector outputs (num_queries, D)."""
-        # Not encode_videos([pixels])[0]: both are FSDP forward methods, and those must not nest.
-        feats = self.vision_tower(pixels.to(self.connector._connector.linear.weight.dtype))
-        return self.connector(feats)
+        """Stages 1 and 2 for one video: float (T, 3, S, S) -> (Q, D)."""
+        return self.connect([self.vision_features(pixels)])[0]
 
     def encode_videos(self, videos):
-        """videos: list of B float (T_i, 3, S, S) -> connector outputs (B, num_queries, D).
-        All frames go through the vision tower in one batch (frames are independent there); the
-        connector then resamples each video's own frames. Equals stacking encode_video per video."""
-        dtype = self.connector._connector.linear.weight.dtype
-        feats = self.vision_tower(torch.cat(videos).to(dtype))                  # (sum T_i, P - 1, Dv)
-        return torch.stack([self.connector(f) for f in feats.split([len(v) for v in videos])])
+        """Stages 1 and 2 for a batch: list of B float (T_b, 3, S, S) -> (B, Q, D). All frames go through
+        the vision tower in one batch (frames are independent there); the connector then resamples each
+        video's own frames. Equals stacking encode_video per video."""
+        feats = self.vision_features(torch.cat(videos))                  # (sum T_b, P, Dv)
+        return self.connect(feats.split([len(v) for v in videos]))
+
+    def enable_grad_checkpointing(self):
+        """Recompute the language model's activations in the backward (less memory, ~30% more time)."""
+        self.language_model.activation_checkpointing_enable()
+
+    def unfreeze_vision(self):
+        """Train the vision tower too: only for a tiny model built from scratch (VisionTower)."""
+        self.vision_tower.unfreeze()
 
     def splice(self, input_ids, attention_mask, video_embeds, labels=None):
         """Put the video in place of the <image> id: each row's single -200 becomes num_queries embeddings.
@@ -597,109 +616,71 @@ def pick_tokens(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def completion_logprobs(model, prompt_ids, video_embeds, completion_ids):
-    """Per-token log-probs of G completions of one prompt (GRPO's policy and reference log-probs);
-    see TinyLlavaVideo.completion_logprobs. Returns float32 (G, L)."""
-    return model.completion_logprobs(prompt_ids, video_embeds, completion_ids)
-
-
 # -----------------------------------------------------------------------------
-# Benchmark: one rollout group, our sampler vs HF generate()
+# Sharding for data-parallel training (FSDP2), used by train.py --fsdp
 
-def bench(G=8, new_tokens=128, prompt_len=64):
-    """Times one rollout group on CPU for a mid-size random model (same weights, same run):
-    8 separate generate() calls with batch 1 (the reference code's way), generate() with
-    num_return_sequences=G, and `sample`. Every call is forced to make exactly `new_tokens` tokens."""
-    torch.manual_seed(0)
-    cfg = tiny_config(4096)
-    cfg.text_config.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=2)
-    cfg.vision_config.update(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
-    cfg.num_queries = 512  # as released: the prompt the model prefills is ~600 tokens, mostly video
-    model = TinyLlavaVideo(cfg).eval()
-    lm = model.language_model
-    pixels = torch.randn(16, 3, cfg.image_size, cfg.image_size)
-    prompt = torch.randint(1, 4096, (prompt_len,))
-    prompt[10] = IMAGE_TOKEN_INDEX
-    never = dict(eos_token_id=None, pad_token_id=0)  # no early stop: all three make the same work
+def shard_model(model):
+    """FSDP2: one unit per decoder layer and the connector, the rest (embeddings, tied lm_head, norm,
+    frozen vision tower) in the root unit; bf16 compute and fp32 gradient reduction on CUDA. The
+    pipeline's stages become forward methods of the root, so FSDP gathers the parameters around them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if torch.cuda.is_available() else MixedPrecisionPolicy()
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model.connector, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for method in ("vision_features", "connect", "completion_logprobs"):
+        register_fsdp_forward_method(model, method)
+    # FSDP initialises lazily from the first root forward; make it a root forward, not the sampler's
+    # direct layer calls (which would turn each layer into a root of its own).
     with torch.no_grad():
-        def reference_way():
-            for _ in range(G):  # the reference: encode the video and prefill again for every sample
-                embeds, _, _ = model.splice(prompt[None], torch.ones(1, prompt_len), model.encode_video(pixels)[None])
-                lm.generate(inputs_embeds=embeds, do_sample=True, top_k=50, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, **never)
-        def hf_batched():
-            embeds, _, _ = model.splice(prompt[None], torch.ones(1, prompt_len), model.encode_video(pixels)[None])
-            lm.generate(inputs_embeds=embeds, do_sample=True, top_k=50, max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, num_return_sequences=G, **never)
-        def ours():
-            sample(model, [prompt], model.encode_video(pixels)[None], G=G, max_new_tokens=new_tokens, eos_id=-1,
-                   generators=[torch.Generator().manual_seed(0)])
-        times = {name: best_of_two(fn) for name, fn in (("reference: 8 x generate(batch 1)", reference_way),
-                                                         ("generate(num_return_sequences=8)", hf_batched),
-                                                         ("ours: sample()", ours))}
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"one rollout group: G={G}, {new_tokens} new tokens, {prompt_len}-token prompt + 16 frames "
-          f"({cfg.num_queries} video tokens), best of 2, "
-          f"{n_params:.0f}M-parameter model, CPU, {torch.get_num_threads()} threads")
-    base = times["ours: sample()"]
-    for name, t in times.items():
-        print(f"  {name:36s} {t:7.2f} s   {t / base:5.2f}x ours")
+        S = model.cfg.image_size
+        model.encode_video(torch.zeros(1, 3, S, S, device=next(model.parameters()).device))
+    # The root stays gathered after a forward; reshard it so that model.parameters() -- what the
+    # optimizer will hold -- are the sharded parameters, not a temporary full copy.
+    for unit in Gathered(model).units:
+        unit.reshard()
 
 
-@torch.no_grad()
-def bench_prompts(B=8, G=8, new_tokens=64):
-    """Times the rollout of the shapes pipeline's GRPO step on CPU (tiny preset, B prompts x G): one
-    `sample` call per prompt against one call for all B (left-padded: the prompts differ in length).
-    Same seeds, so both make the same tokens; no early stop, so the same number of them."""
-    torch.manual_seed(0)
-    model = TinyLlavaVideo(tiny_config(600)).eval()
-    prompts = [torch.randint(1, 600, (40 + 3 * b,)) for b in range(B)]
-    for p in prompts:
-        p[5] = IMAGE_TOKEN_INDEX
-    videos = torch.stack([model.encode_video(torch.randn(16, 3, 32, 32)) for _ in range(B)])
-    seeds = lambda: [torch.Generator().manual_seed(b) for b in range(B)]
-    one_by_one = lambda: torch.cat([sample(model, [p], v[None], G, new_tokens, eos_id=-1, generators=[g])[0]
-                                    for p, v, g in zip(prompts, videos, seeds())])
-    together = lambda: sample(model, prompts, videos, G, new_tokens, eos_id=-1, generators=seeds())[0]
-    assert torch.equal(one_by_one(), together())
-    apart, batched = best_of_two(one_by_one), best_of_two(together)
-    print(f"{B} prompts x G={G}, {new_tokens} new tokens, tiny preset, CPU, {torch.get_num_threads()} threads, best of 2:"
-          f" one sample() per prompt {apart:.2f} s, one for all {batched:.2f} s: {apart / batched:.2f}x")
+class Gathered:
+    """Inside `with Gathered(model):` an FSDP model holds full parameters and runs forwards without
+    collectives, so ranks may decode different numbers of tokens. A no-op without FSDP."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    def __enter__(self):
+        for u in self.units:
+            u.unshard()
+            u.set_reshard_after_forward(False)
+
+    def __exit__(self, *exc):
+        for u in self.units:
+            u.reshard()
+            u.set_reshard_after_forward(True)
 
 
-def random_checkpoint(out, tokenizer_dir, device="cpu"):
-    """Write a full-size model (Config(): the released shapes, ~3.7B parameters) with random weights, in
-    bf16 and the released layout, with the tokenizer of `tokenizer_dir` beside it: a stand-in for the
-    release on machines that cannot download it, for speed and memory figures (README, The paper's
-    recipe on GPUs).
-    A shapes run's tokenizer has ~600 ids against the model's 151936 rows; sampled ids past its
-    vocabulary decode to nothing, and eos (id 0) is drawn about once in 151936 tokens, so every
-    completion runs to the token cap: the worst case for time and memory."""
-    torch.manual_seed(0)
-    with torch.device(device):  # a GPU initialises 3.7B parameters in seconds, a CPU in minutes
-        model = TinyLlavaVideo(Config())
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir, config=PretrainedConfig())
-    model.cfg.text_config.update(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    save_pretrained(model, out, tok, dtype=torch.bfloat16)
+def full_state(model, optimizer):
+    """Model and optimizer state with every FSDP shard gathered into a full tensor (a collective:
+    every rank calls it, in the same order). Without FSDP, plain state dicts. The format is the
+    same either way, so a run saved with --fsdp resumes without it and the other way round."""
+    def full(v):
+        return v.full_tensor() if hasattr(v, "full_tensor") else v
+    model_state = {k: full(v) for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt["state"] = {i: {k: full(v) for k, v in st.items()} for i, st in opt["state"].items()}
+    return model_state, opt
 
 
-def best_of_two(fn):
-    """The shorter of two timed calls of fn(), in seconds."""
-    runs = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return min(runs)
-
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] == ["bench"]:
-        bench()
-        bench_prompts()
-    elif sys.argv[1:2] == ["random-init"] and len(sys.argv) == 4:  # python model.py random-init OUT TOKENIZER_DIR
-        random_checkpoint(sys.argv[2], sys.argv[3], "cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        print(__doc__)
+def load_optimizer(optimizer, state):
+    """Load a full optimizer state; under FSDP each tensor is cut back to this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            st.update({k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                       for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0})
+    optimizer.load_state_dict(state)

@@ -1,5 +1,5 @@
 """
-The rule rewards of TinyLLaVA-Video-R1 (paper s3.4, eqs. 3-4) and Video-R1 (T-GRPO, length bonus).
+The rule rewards of TinyLLaVA-Video-R1 (paper s3.4, eqs. 3-4) and Video-R1's T-GRPO.
 
 Every reward is a pure function of text (the completion, decoded without special tokens) and the
 label; no torch. The answer parser `parse_answer` is shared with evaluate.py, so the training reward
@@ -14,8 +14,8 @@ Departures from the reference code (SPEC.md s4), each on purpose:
 
 Try: python rewards.py   (prints the reward of a few completions)
 """
-import math
 import re
+from typing import NamedTuple
 
 R0, R1, ML = 0.5, 0.5, 1200  # paper s3.4: base format reward, length reward weight, length cap (chars)
 R2 = R0 + R1                 # accuracy reward: "equal importance" with the format reward
@@ -79,7 +79,15 @@ def accuracy_reward(completion, answer, r2=R2, options="ABCDE"):
     return r2 if parse_answer(completion, options) == answer else 0.0
 
 
-def reward(completion, answer, length_reward=True, wrong_penalty=True, ml=ML, r0=R0, r1=R1, r2=R2):
+class Reward(NamedTuple):
+    """One completion's reward and its parts, each computed once: R (eq. 4), AR and FR (eq. 3)."""
+    total: float
+    accuracy: float
+    format: float
+
+
+def reward(completion, answer, length_reward=True, wrong_penalty=True, ml=ML, r0=R0, r1=R1, r2=R2,
+           options="ABCDE"):
     """The total reward R of one completion, eq. (4), and the settings of the paper's Figure 5.
 
     Settings:  length_reward  wrong_penalty
@@ -90,32 +98,38 @@ def reward(completion, answer, length_reward=True, wrong_penalty=True, ml=ML, r0
               -FR              if FR > 0 and AR = 0      wrong:         -0.5 .. -1.0
               -(r0 + r1 + r2)  if FR = 0                 broken format: -2.0
     A longer wrong answer is penalised more, so length grows only where it helps accuracy.
-    Example: "<think>" + 1200 chars + "</think><answer>B</answer>", label B -> 1.0 + 1.0 = 2.0;
-    label C -> -1.0.
-    Returns a float.
+    `options`: the record's option letters (data.option_letters), so that a 7-option answer G counts.
+    Returns: Reward(total=R, accuracy=AR, format=FR), floats.
+    Example: "<think>" + 1200 chars + "</think><answer>B</answer>", label B -> Reward(2.0, 1.0, 1.0);
+    label C -> Reward(-1.0, 0.0, 1.0).
     """
     FR = format_reward(completion, ml, r0, r1, length_reward)
-    AR = accuracy_reward(completion, answer, r2)
+    AR = accuracy_reward(completion, answer, r2, options)
     if not wrong_penalty:
-        return AR + FR
-    if FR > 0 and AR == r2:
-        return AR + FR
-    if FR > 0:
-        return -FR
-    return -(r0 + r1 + r2)
+        R = AR + FR
+    elif FR > 0 and AR == r2:
+        R = AR + FR
+    elif FR > 0:
+        R = -FR
+    else:
+        R = -(r0 + r1 + r2)
+    return Reward(R, AR, FR)
 
 
-def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1):
-    """The reference code's total reward (SPEC.md s4), kept for comparison: R = AR + (2 AR - 1) FR,
-    with exactly 0 mapped to -2.0. AR there: the stripped text in <answer></answer> (or the whole
-    completion when there is no tag) equals the label or starts with it. Differs from eq. (4) for a
-    correct answer in a broken format (+1.0, not -2.0) and for "Because"-style answers."""
+def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1, options=None):
+    """The reference code's total reward, kept for comparison (the reward functions of the
+    ZhangXJ199/TinyLLaVA-Video-R1 repository): R = AR + (2 AR - 1) FR, with exactly 0 mapped to -2.0.
+    AR there: the stripped text in <answer></answer> (or the whole completion when there is no tag)
+    equals the label or starts with it. Differs from eq. (4) for a correct answer in a broken
+    format (+1.0, not -2.0) and for "Because"-style answers. `options` is unused (the reference
+    compares with the label only); it is here so both rewards are called alike.
+    Returns: Reward(total, accuracy=AR, format=FR)."""
     m = ANSWER.search(completion)
     text = (m.group(1) if m else completion).strip()
     AR = 1.0 if text == answer or text.startswith(answer) else 0.0
     FR = format_reward(completion, ml, r0, r1)
     r = AR + (2 * AR - 1) * FR
-    return -2.0 if r == 0 else r
+    return Reward(-2.0 if r == 0 else r, AR, FR)
 
 
 # -----------------------------------------------------------------------------
@@ -137,39 +151,7 @@ def temporal_bonus(acc_ordered, acc_shuffled, alpha=0.3, mu=1.0):
     return [alpha if (earned and c) else 0.0 for c in correct]
 
 
-def length_bonus(acc, lengths, lo=320, hi=512, bonus=0.2):
-    """Video-R1's length reward: when more than one of the G completions is correct, each correct one
-    whose length (in TOKENS) lies in [lo, hi] gets +bonus. Returns a list of G floats."""
-    correct = [a > 0 for a in acc]
-    if sum(correct) <= 1:
-        return [0.0] * len(acc)
-    return [bonus if c and lo <= n <= hi else 0.0 for c, n in zip(correct, lengths)]
-
-
-def numerical_accuracy(text, answer):
-    """Video-R1's rule for numerical answers: 1.0 if both parse as numbers equal after rounding to 2
-    decimals, else 0.0. `text` is the content of the answer tag."""
-    try:
-        return float(round(float(text.strip()), 2) == round(float(answer), 2))
-    except ValueError:
-        return 0.0
-
-
-def regression_accuracy(text, answer):
-    """Video-R1's rule for regression answers: 1 - |pred - gt| / |gt|, clipped to [0, 1] (0 when the
-    text is not a number; an exact match scores 1 also when gt = 0)."""
-    try:
-        pred, gt = float(text.strip()), float(answer)
-    except ValueError:
-        return 0.0
-    if not math.isfinite(pred):
-        return 0.0
-    if gt == 0:
-        return float(pred == 0)
-    return min(1.0, max(0.0, 1.0 - abs(pred - gt) / abs(gt)))
-
-
 if __name__ == "__main__":
     for c in ["<think>" + "x" * 600 + "</think> <answer>B</answer>", "<think></think><answer>C</answer>",
               "<answer>B</answer>", "B"]:
-        print(f"{reward(c, 'B'):+.2f}  reference {reference_reward(c, 'B'):+.2f}  {c[:40]!r}")
+        print(f"{reward(c, 'B').total:+.2f}  reference {reference_reward(c, 'B').total:+.2f}  {c[:40]!r}")
