@@ -194,14 +194,6 @@ def _decode_in_order(container, stream, path, num_frames, start, end):
     return np.stack([frames[i] for i in wanted])
 
 
-def load_video_reference(path, num_frames=16):
-    """The reference's way, kept as the slow baseline for tests and the benchmark: decode every
-    frame to RGB, then pick frame_indices(N, num_frames). Returns uint8 (num_frames, H, W, 3)."""
-    with av.open(str(path)) as c:
-        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    return np.stack([frames[i] for i in frame_indices(len(frames), num_frames)])
-
-
 # -----------------------------------------------------------------------------
 # 2. Preprocessing
 

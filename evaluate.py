@@ -332,13 +332,13 @@ def shapes_report(results, test_file):
     print(table(results))
     comparisons = {f"R1 - {who}": paired_comparison(results[2]["items"], results[k]["items"])
                    for k, who in ((1, "cold start"), (0, "base"))}
-    print("\nR1 on the same clips (paired_comparison):\n" + "\n".join(
+    print("\nR1 on the same clips (evaluate.paired_comparison):\n" + "\n".join(
         f"  {k}: {c['diff']:+.1f} points (R1 alone right on {c['a_only']}, the other alone on {c['b_only']}; "
         f"McNemar exact p = {c['p']:.2g})" for k, c in comparisons.items()))
     print("\nper question type:\n" + "\n".join(
         f"  {r['name']}: " + ", ".join(f"{t} {v:.0f}" for t, v in r["summary"]["tasks"].items()) for r in results))
     problems = {it.id: it.problem for it in load_jsonl(test_file)}
-    print("\nthe thoughts (Reason mode; thought_agreement):")
+    print("\nthe thoughts (Reason mode; evaluate.thought_agreement):")
     for r in results[1:]:
         r["thoughts"] = t = thought_agreement(r["items"], problems)
         print(f"  {r['name']}: the thought names an option in {t['stated']:.0f}%, the right one in "

@@ -716,7 +716,7 @@ SMOKE = dict(  # a few steps of each stage: the CI's test of the pipeline
     n_train=20, n_test=5, eval_tokens={"option": 2, "reason": 8},
     base=dict(lr=2e-3, epochs=1, batch_size=8, max_steps=2, train_vision=True, quiet=True),
     direction=dict(epochs=2, rehearse_ratio=1, max_steps=1), direction_all=dict(epochs=2, rehearse_ratio=1, max_steps=1),
-    cold=dict(lr=1e-4, schedule="constant", batch_size=4, max_steps=1, quiet=True), rehearsal=dict(rehearse_ratio=2),
+    cold=dict(lr=1e-4, schedule="constant", batch_size=4, max_steps=1, quiet=True), rehearsal=SHAPES["rehearsal"],
     grpo=dict(lr=1e-4, G=4, prompts_per_rank=2, max_new_tokens=8, ml=300, max_steps=2, quiet=True),
 )
 

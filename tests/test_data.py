@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import data
 
 
@@ -55,20 +56,20 @@ def test_load_video_equals_decode_all_then_pick(tmp_path, name, num_frames):
     path = _write(tmp_path / fname, _frames(47), codec, options=opts)
     got = data.load_video(path, num_frames)
     assert got.shape == (num_frames, 48, 64, 3) and got.dtype == np.uint8
-    np.testing.assert_array_equal(got, data.load_video_reference(path, num_frames))
+    np.testing.assert_array_equal(got, bench.load_video_reference(path, num_frames))
 
 
 def test_load_video_variable_frame_rate(tmp_path):
     pts = np.cumsum([0, 10, 50, 20, 100, 33, 33, 200, 10, 10, 70, 40, 40, 5, 90, 60, 30, 30, 45, 120])
     path = _write(tmp_path / "vfr.mp4", _frames(len(pts)), "libx264", pts=[int(p) for p in pts])
-    np.testing.assert_array_equal(data.load_video(path, 16), data.load_video_reference(path, 16))
+    np.testing.assert_array_equal(data.load_video(path, 16), bench.load_video_reference(path, 16))
 
 
 def test_short_clip_repeats_indices(tmp_path):
     frames = _frames(5)
     path = _write(tmp_path / "short.mp4", frames, "libx264")
     got = data.load_video(path, 16)
-    ref_all = data.load_video_reference(path, 5)  # every frame, decoded
+    ref_all = bench.load_video_reference(path, 5)  # every frame, decoded
     # linspace(0, 4, 16) = 0, .27, .53, .8, 1.07, ..., 2.93, 3.2, 3.47, 3.73, 4; cast truncates:
     expect = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4]
     np.testing.assert_array_equal(got, ref_all[expect])
@@ -76,7 +77,7 @@ def test_short_clip_repeats_indices(tmp_path):
 
 def test_start_end_bounds_in_seconds(tmp_path):
     path = _write(tmp_path / "b.mp4", _frames(90), "libx264", fps=30, options={"g": "10"})
-    all_frames = data.load_video_reference(path, 90)
+    all_frames = bench.load_video_reference(path, 90)
     # Frames with 1.0 <= i/30 <= 2.0 are i = 30..60 (31 frames); linspace over those.
     idx = 30 + np.linspace(0, 30, 8, dtype=int)
     np.testing.assert_array_equal(data.load_video(path, 8, start=1.0, end=2.0), all_frames[idx])
@@ -252,7 +253,7 @@ def test_shapes_answers_are_right_from_pixels():
 
 def test_shapes_dataset(tmp_path):
     out = tmp_path / "shapes"
-    scenes = data.generate_shapes(out, n_train=50, n_test=10, seed=3, multiturn=False)
+    scenes = data.generate_shapes(out, n_train=50, n_test=10, seed=3)
     train = data.read_nextqa_jsonl(out / "train.jsonl")
     assert len(train) == 50 and len(data.read_nextqa_jsonl(out / "test.jsonl")) == 10
     # the answer survives H.264 on the written files, checked on a few decoded clips
@@ -264,35 +265,33 @@ def test_shapes_dataset(tmp_path):
     assert len(cold) == 16 and len({c.answer for c in cold}) == 5
     assert all(c.target.endswith(f"</think> <answer>{c.answer}</answer>") for c in cold)
     assert all(c.question.endswith(data.REASON_SUFFIX) for c in cold)
+    # sft.json: per clip the option QA, the description with the tagged question as its second turn, colours
     sft = data.read_llava_json(out / "sft.json")
-    assert len(sft) == 200 and sum(s.answer is not None for s in sft) == 100  # the option and the tagged QA
-    option, tagged, describe, colours = sft[:4]
+    assert len(sft) == 150 and sum(s.answer is not None for s in sft) == 100  # the option and the tagged QA
+    option, tagged, colours = sft[:3]
     assert option.question.endswith(data.OPTION_SUFFIX) and option.target == train[0].answer
     assert tagged.question == option.question.replace(data.OPTION_SUFFIX, data.TAG_SUFFIX)
     assert tagged.target == f"<answer>{train[0].answer}</answer>" and tagged.answer == train[0].answer
     # the description is asked with the question and its options, as the reason prompt asks
-    assert describe.question == option.question.replace(data.OPTION_SUFFIX, "Describe what happens in the video.")
-    assert describe.question.startswith(scenes["train"][0]["question"] + "\nOptions:\n")
+    (describe_q, describe_a), = tagged.history
+    assert describe_q == option.question.replace(data.OPTION_SUFFIX, "Describe what happens in the video.")
+    assert describe_q.startswith(scenes["train"][0]["question"] + "\nOptions:\n")
+    assert describe_a == data.describe(scenes["train"][0])
     shown = {c for o in scenes["train"][0]["objects"] for c in o.colors}
     assert {w.strip(".,").lower() for w in colours.target.split()} - {"and"} == shown
-    # the default, multiturn: the tagged question becomes the description's second turn; nothing else changes
-    data.generate_shapes(tmp_path / "multi", n_train=50, n_test=10, seed=3)
-    multi = data.read_llava_json(tmp_path / "multi" / "sft.json")
-    assert len(multi) == 150 and [s.target for s in multi[:3]] == [option.target, tagged.target, colours.target]
-    assert multi[1].history == ((describe.question, describe.target),) and multi[1].question == tagged.question
     # sft-direction.json: the option records of the direction clips, each as it is in sft.json
-    direction = json.loads((tmp_path / "multi" / "sft-direction.json").read_text())
-    records = json.loads((tmp_path / "multi" / "sft.json").read_text())
+    direction = json.loads((out / "sft-direction.json").read_text())
+    records = json.loads((out / "sft.json").read_text())
     wanted = [records[3 * i] for i, sc in enumerate(scenes["train"]) if sc["qtype"] == "direction"]
     assert len(wanted) == 10 and direction == wanted
     assert all(r["conversations"][0]["value"].split("\n")[1].startswith("Which way") for r in direction)
     # sft-direction-all.json: every record of the direction clips (option, description + tag, colours)
-    direction_all = json.loads((tmp_path / "multi" / "sft-direction-all.json").read_text())
+    direction_all = json.loads((out / "sft-direction-all.json").read_text())
     wanted = [r for i, sc in enumerate(scenes["train"]) if sc["qtype"] == "direction" for r in records[3 * i:3 * i + 3]]
     assert len(direction_all) == 30 and direction_all == wanted
     # determinism: the same seed writes the same text and the same video bytes, every clip (with crf 12
     # about 1 clip in 65 came out different, so checking one clip was not enough)
-    data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1, multiturn=False)
+    data.generate_shapes(tmp_path / "again", n_train=50, n_test=10, seed=3, workers=1)
     videos = sorted(p.relative_to(out).as_posix() for p in (out / "videos").iterdir())
     assert len(videos) == 60
     for name in ["train.jsonl", "test.jsonl", "sft.json", "coldstart.json"] + videos:
@@ -332,109 +331,3 @@ def test_shapes_letters_balanced_and_text_only_baseline_near_chance():
     shown = np.mean([list(data.COLORS)[data.LETTERS.index(s["answer"])] in {c for o in s["objects"] for c in o.colors}
                      for s in direction])
     assert 0.3 < shown < 0.5, shown
-
-
-def test_shapes_reasoning_record(tmp_path):
-    # --reasoning-record adds, per clip, the reason prompt answered with the cold-start thought untagged
-    # (without the tagged record, as train.py shapes --reasoning-base writes it)
-    data.generate_shapes(tmp_path / "plain", n_train=20, n_test=5, seed=1, tag_record=False)
-    data.generate_shapes(tmp_path / "rb", n_train=20, n_test=5, seed=1, reasoning_record=True, tag_record=False)
-    plain = json.loads((tmp_path / "plain" / "sft.json").read_text())
-    rb = json.loads((tmp_path / "rb" / "sft.json").read_text())
-    assert len(rb) == 4 * 20 and [r for i, r in enumerate(rb) if i % 4 != 3] == plain
-    cold = {c["video"]: c["conversations"] for c in json.loads((tmp_path / "rb" / "coldstart.json").read_text())}
-    assert len(cold) == 16
-    for rec in rb[3::4]:
-        human, gpt = (turn["value"] for turn in rec["conversations"])
-        assert human.endswith(data.REASON_SUFFIX) and "<think>" not in gpt
-        if rec["video"] in cold:  # the same prompt; the cold start's target is this one in tags
-            assert human == cold[rec["video"]][0]["value"]
-            letter = gpt[-2]
-            assert cold[rec["video"]][1]["value"] == f"<think>{gpt}</think> <answer>{letter}</answer>"
-
-
-def test_shapes_think_records(tmp_path):
-    # sft-think.json (train.py shapes --think-part): per clip, the cold start's prompt answered with its
-    # thought in <think> tags and no answer tag, then the same with sft.json's tagged question as turn two
-    data.generate_shapes(tmp_path / "t", n_train=20, n_test=5, seed=1)
-    think = json.loads((tmp_path / "t" / "sft-think.json").read_text())
-    sft = json.loads((tmp_path / "t" / "sft.json").read_text())
-    cold = {c["video"]: c["conversations"] for c in json.loads((tmp_path / "t" / "coldstart.json").read_text())}
-    assert len(think) == 2 * 20 and len(cold) == 16
-    for i, (alone, two) in enumerate(zip(think[::2], think[1::2])):
-        assert alone["video"] == two["video"] == sft[3 * i]["video"]
-        assert two["conversations"][:2] == alone["conversations"] and len(two["conversations"]) == 4
-        assert two["conversations"][2:] == sft[3 * i + 1]["conversations"][2:]  # the tagged question and its letter
-        human, gpt = (turn["value"] for turn in alone["conversations"])
-        assert human.endswith(data.REASON_SUFFIX) and gpt.startswith("<think>") and gpt.endswith("</think>")
-        if alone["video"] in cold:  # the cold start's sample is this thought with the answer tag after it
-            letter = two["conversations"][3]["value"][len("<answer>")]
-            assert cold[alone["video"]] == [alone["conversations"][0],
-                                            {"from": "gpt", "value": f"{gpt} <answer>{letter}</answer>"}]
-
-
-def _observed_from_pixels(frames, scene):
-    """What observe() should say, recomputed from the PIXELS: the colours shown, the first and last
-    colour seen, the named shape's 3x3 cell at the first and last frame."""
-    present = {c: _present(frames, c) for c in data.COLORS}
-    shown = [c for c in data.COLORS if present[c].any()]
-    first = min(shown, key=lambda c: np.nonzero(present[c])[0][0])
-    last = max(shown, key=lambda c: np.nonzero(present[c])[0][-1])
-    cell = None
-    if scene["qtype"] == "direction":
-        m = _colour_mask(frames, scene["objects"][0].colors[0])
-        box_centre = lambda ix: (ix.min() + ix.max()) / 2  # a triangle's centroid is off its centre
-        cell = [tuple(int(box_centre(ix) // 21.34) for ix in np.nonzero(m[t])) for t in (0, -1)]  # (row, col)
-    return shown, first, last, cell
-
-
-def test_shapes_stepwise_observation():
-    # hand-written: the words of each type's first step
-    O = data.Obj
-    leave = {"qtype": "leave_first", "objects": [O("circle", ["red"], (10, 10, 10, 10), (0, 5)),
-                                                 O("square", ["blue"], (50, 50, 50, 50), (0, 9))]}
-    assert data.observe(leave) == "The colours are red and blue. The last one seen is blue."
-    move = {"qtype": "direction", "objects": [O("circle", ["green"], (54, 30, 10, 30), (0, 9))]}
-    assert data.observe(move) == "The green circle starts at the right and ends at the left."
-    still = {"qtype": "direction", "objects": [O("square", ["red"], (50, 14, 50, 14), (0, 9))]}
-    assert data.observe(still) == "The red square starts at the top right and ends at the top right."
-    one = {"qtype": "count", "objects": [O("triangle", ["yellow"], (32, 32, 32, 32), (0, 9))]}
-    assert data.observe(one) == "The colour is yellow, one shape."
-    # and what it says is what the pixels show, on drawn scenes of every type
-    for i in range(50):
-        scene = data.make_scene(np.random.default_rng(i), data.QTYPES[i % 5], (i // 5) % 5)
-        shown, first, last, cell = _observed_from_pixels(data.render(scene), scene)
-        text = data.observe(scene)
-        if cell is None:
-            assert text.startswith(f"The colour{'s are' if len(shown) > 1 else ' is'} {data._listed(shown)}"), text
-            assert {"appear_first": f"The first one seen is {first}.", "leave_first": f"The last one seen is {last}."
-                    }.get(scene["qtype"], "") in text
-        else:
-            start, end = text.split(" starts ")[1].split(" and ends ")
-            for (r, c), where in zip(cell, (start, end)):
-                assert {w for w in ("top", "bottom") if w in where} == {("top", None, "bottom")[r]} - {None}, (text, cell)
-                assert {w for w in ("left", "right") if w in where} == {("left", None, "right")[c]} - {None}, (text, cell)
-                assert ("middle" in where) == (r == c == 1), (text, cell)  # "at the left": the middle row
-        thought = data.explain(scene, stepwise=True)
-        assert thought == f"{text} {data.explain(scene)}"  # one more step, then the same thought
-
-
-def test_shapes_stepwise_files(tmp_path):
-    # --stepwise: every other thought (per type and letter in sft.json, per type in the cold start) is
-    # the longer one; the others are exactly the --reasoning-record file's
-    data.generate_shapes(tmp_path / "rb", n_train=40, n_test=5, seed=1, reasoning_record=True, tag_record=False)
-    scenes = data.generate_shapes(tmp_path / "sw", n_train=40, n_test=5, seed=1, reasoning_record=True, stepwise=True,
-                                  tag_record=False)
-    rb, sw = (json.loads((tmp_path / d / "sft.json").read_text()) for d in ("rb", "sw"))
-    for i, (a, b, s) in enumerate(zip(rb[3::4], sw[3::4], scenes["train"])):
-        long = b["conversations"][1]["value"] != a["conversations"][1]["value"]
-        assert long == ((i // 5) % 2 == 1), i
-        if long:
-            assert b["conversations"][1]["value"] == data.explain(s, stepwise=True)
-    assert [r for i, r in enumerate(sw) if i % 4 != 3] == [r for i, r in enumerate(rb) if i % 4 != 3]
-    cold = json.loads((tmp_path / "sw" / "coldstart.json").read_text())
-    styles = Counter((data.shapes_qtype(c["conversations"][0]["value"].split("\n", 1)[1]),
-                      "The colour" in c["conversations"][1]["value"] or " starts " in c["conversations"][1]["value"])
-                     for c in cold)
-    assert len(styles) == 10, styles  # both styles for all five types
-    assert json.loads((tmp_path / "sw" / "shapes_args.txt").read_text())["stepwise"] is True

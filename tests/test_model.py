@@ -175,7 +175,7 @@ def test_incremental_decoding_equals_full_forward(tiny, sharp):
         assert ids.shape == (3, 12) and mask.all()
         assert ids[0].tolist() == ids[2].tolist() == greedy_slow(m, prompt, video, 12)
         # the log-probs of one batched forward equal the step-by-step ones
-        logp = M.completion_logprobs(m, prompt, video, ids)
+        logp = m.completion_logprobs(prompt, video, ids)
         seq = torch.cat([prompt, ids[0]])
         logits, _ = m(seq[None], torch.ones(1, len(seq)), video[None])
         step = logits[0, -13:-1].log_softmax(-1).gather(-1, ids[0, :, None]).squeeze(-1)
@@ -323,7 +323,7 @@ def test_sampler_keeps_its_kv_cache_under_gradient_checkpointing(tiny, sharp):
     m = copy.deepcopy(sharp)
     video = m.encode_video(pixels).detach()
     want = greedy_slow(m, prompt, video, 8)
-    m.language_model.activation_checkpointing_enable()
+    m.enable_grad_checkpointing()
     m.train()
     ids, _ = M.sample(m, [prompt], video[None], G=2, max_new_tokens=8, temperature=0, eos_id=-1)
     assert ids[0].tolist() == want

@@ -49,62 +49,9 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert [r["name"] for r in res["results"][1:]] == ["TinyLLaVA-Video-ColdStart", "TinyLLaVA-Video-R1 (r1-norehearsal)"]
     assert res["results"][1]["model"].endswith("coldstart-norehearsal/final")
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
-    # --one-part-base: the cold start and GRPO from the first part (sessions 1-17), in folders of their own
-    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--one-part-base"])
-    assert res["results"][0]["model"].endswith("/base/final") and res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-onepart)"
-    assert args("coldstart-onepart")["init"] == str(out / "base/final")
-    for records in ("sft-direction.json", "sft-direction-all.json"):  # folders from before sessions 18 / 19
+    for records in ("sft-direction.json", "sft-direction-all.json"):  # a folder that an older data.py wrote
         (out / "data" / records).rename(out / "data/away.json")
         with pytest.raises(ValueError, match=f"has no {records}"):
             train.shapes_pipeline(["--out", str(out), "--smoke"])
         (out / "data/away.json").rename(out / "data" / records)
-    # the data on disk was written for the default base stage (the tagged option QA as the description's
-    # second turn, 3 records a clip): another base stage needs its own folder
-    written = json.loads((out / "data/shapes_args.txt").read_text())
-    assert written["tag_record"] is True and written["multiturn"] is True
     assert [len(r["conversations"]) for r in json.loads((out / "data/sft.json").read_text())] == [2, 4, 2] * 20
-    for other in ("--reasoning-base", "--no-tag-record", "--single-turn"):
-        with pytest.raises(ValueError, match="written for another base stage"):
-            train.shapes_pipeline(["--out", str(out), "--smoke", other])
-    # so was its base model (1 epoch in the smoke sizes): a longer base stage needs its own folder too
-    with pytest.raises(ValueError, match="trained for 1 epochs; this run wants 2"):
-        train.shapes_pipeline(["--out", str(out), "--smoke", "--base-epochs", "2"])
-
-
-def test_shapes_pipeline_stepwise_smoke(tmp_path):
-    # --stepwise is --reasoning-base with two styles of thought
-    out = tmp_path / "sw"
-    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise"])
-    assert len(json.loads((out / "data/sft.json").read_text())) == 4 * 20  # 20 smoke clips, 4 records each
-    assert json.loads((out / "data/shapes_args.txt").read_text())["stepwise"] is True
-    written = json.loads((out / "data/shapes_args.txt").read_text())
-    assert written["tag_record"] is False and written["multiturn"] is False  # measured without them
-    assert [r["mode"] for r in res["results"]] == ["option", "reason", "reason"]
-    with pytest.raises(ValueError, match="written for another base stage"):
-        train.shapes_pipeline(["--out", str(out), "--smoke", "--reasoning-base"])
-    # another beta is another GRPO run, in its own folder (not the default run's r1/ reused)
-    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--stepwise", "--beta", "0.5"])
-    assert res["results"][2]["name"] == "TinyLLaVA-Video-R1 (r1-beta0.5)"
-    assert torch.load(out / "r1-beta0.5/final/train_state.pt", weights_only=False)["args"]["beta"] == 0.5
-    assert torch.load(out / "r1/final/train_state.pt", weights_only=False)["args"]["beta"] != 0.5
-
-
-def test_shapes_pipeline_think_part_smoke(tmp_path):
-    # --think-part: a fourth base part on sft-think.json, from the third; its own cold start (at its own lr) and R1
-    out = tmp_path / "think"
-    res = train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part"])
-    assert [r["name"] for r in res["results"]][2] == "TinyLLaVA-Video-R1 (r1-think)"
-    args = lambda part: torch.load(out / part / "final/train_state.pt", weights_only=False)["args"]
-    assert args("base-think")["init"] == str(out / "base-all/final") and args("base-think")["data"].endswith("sft-think.json")
-    assert args("base-think")["rehearse"].endswith("sft.json") and res["results"][0]["model"].endswith("base-think/final")
-    assert args("coldstart-think")["init"] == str(out / "base-think/final") and res["results"][1]["model"].endswith("coldstart-think/final")
-    assert args("coldstart-think")["lr"] == float(train.SMOKE["think_cold"][1]) != float(train.SMOKE["cold"][1])
-    assert args("r1-think")["init"] == str(out / "coldstart-think/final")
-    with pytest.raises(ValueError, match="--think-part adds a part"):
-        train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part", "--one-part-base"])
-    (out / "data/sft-think.json").rename(out / "data/away.txt")  # a folder from before session 23
-    with pytest.raises(ValueError, match="has no sft-think.json .*: use another --out$"):
-        train.shapes_pipeline(["--out", str(out), "--smoke", "--think-part"])
-    without = train.tokenizer_texts(out / "data")  # the tokenizer of the default run is the one it was
-    (out / "data/away.txt").rename(out / "data/sft-think.json")
-    assert train.tokenizer_texts(out / "data") == without

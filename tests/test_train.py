@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def setup(tmp_path_factory):
     """A small shapes data set and a tiny model after one SFT step (its starting checkpoint)."""
     d = tmp_path_factory.mktemp("shapes")
-    data.generate_shapes(d, n_train=24, n_test=4, seed=1, workers=1, tag_record=False)  # three records per clip
+    data.generate_shapes(d, n_train=24, n_test=4, seed=1, workers=1)  # three records per clip
     init = d / "init"
     train.main(["--stage", "sft", "--init", "tiny", "--data", str(d / "sft.json"), "--out", str(init),
                 "--max-steps", "1", "--lr", "1e-3", "--quiet"])
@@ -151,17 +151,17 @@ def test_sft_multi_turn_continues_after_each_eos_and_labels_every_answer(setup):
 
 def test_rehearsal_mix_reads_each_sample_once_an_epoch_and_each_record_at_most_once():
     samples, old = ["s0", "s1", "s2"], [f"o{i}" for i in range(10)]
-    mix = train.rehearsal_mix(samples, old, epochs=2, ratio=1, seed=0)
+    mix = data.rehearsal_mix(samples, old, epochs=2, ratio=1, seed=0)
     assert mix[:6] == samples * 2
     assert len(mix) == 12 and len(set(mix[6:])) == 6 and set(mix[6:]) <= set(old)
-    assert train.rehearsal_mix(samples, old, 2, 1, 0) == mix and train.rehearsal_mix(samples, old, 2, 1, 1) != mix
-    mix = train.rehearsal_mix(samples, old, epochs=1, ratio=3, seed=0)
+    assert data.rehearsal_mix(samples, old, 2, 1, 0) == mix and data.rehearsal_mix(samples, old, 2, 1, 1) != mix
+    mix = data.rehearsal_mix(samples, old, epochs=1, ratio=3, seed=0)
     assert mix[:3] == samples and len(set(mix[3:])) == 9 and set(mix[3:]) <= set(old)
     # a fractional ratio (the shapes base stage's direction parts): 3 x 4 x 0.25 = 3 records
-    mix = train.rehearsal_mix(samples, old, epochs=4, ratio=0.25, seed=0)
+    mix = data.rehearsal_mix(samples, old, epochs=4, ratio=0.25, seed=0)
     assert mix[:12] == samples * 4 and len(mix) == 15 and len(set(mix[12:])) == 3 and set(mix[12:]) <= set(old)
     with pytest.raises(ValueError, match="old.json: 10 records, fewer than the 12"):
-        train.rehearsal_mix(samples, old, 2, 2, 0, "old.json")
+        data.rehearsal_mix(samples, old, 2, 2, 0, "old.json")
 
 
 def test_cold_start_with_rehearsal(setup, tmp_path):
@@ -183,7 +183,7 @@ def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
     model, tok = M.from_pretrained(init)
     cpu = torch.device("cpu")
     samples = data.read_llava_json(d / "sft.json")[:9:3]  # three clips (sft.json has three records per clip)
-    pixels = [train.VideoLoader(16, model.cfg.image_size, 0.05)(s.video) for s in samples]
+    pixels = [data.VideoLoader(16, model.cfg.image_size, 0.05)(s.video) for s in samples]
 
     def loss(sample, px):  # no padding, no batching: one forward per sample
         ids, labels = train.sft_tensors(tok, sample, cpu)
@@ -245,7 +245,7 @@ def test_broken_video_is_skipped_and_counted(setup, tmp_path):
                        "--prompts-per-rank", "2", "--max-steps", "4"])
     m = metrics(tmp_path / "r")
     assert len(m) == 4 and m[-1]["skipped_total"] == 1 and sum(r["skipped"] for r in m) == 1
-    cache = train.VideoLoader(16, 48, max_bad_fraction=0.05)
+    cache = data.VideoLoader(16, 48, max_bad_fraction=0.05)
     for _ in range(19):
         cache(bad / "broken.mp4")   # tolerated until 20 videos have been seen
     with pytest.raises(RuntimeError, match="broken.mp4"):
@@ -260,9 +260,9 @@ def test_videos_kept_in_memory_equal_fresh_decodes(setup, tmp_path, monkeypatch)
     decodes = []
     load = data.load_video
     monkeypatch.setattr(data, "load_video", lambda *a, **k: decodes.append(a[0]) or load(*a, **k))
-    fresh = train.VideoLoader(16, 32, 0.05)
-    for kept in (train.VideoLoader(16, 32, 0.05, keep_in_memory=True),
-                 train.VideoLoader(16, 32, 0.05, keep_in_memory=True)):  # a later run in the same process
+    fresh = data.VideoLoader(16, 32, 0.05)
+    for kept in (data.VideoLoader(16, 32, 0.05, keep_in_memory=True),
+                 data.VideoLoader(16, 32, 0.05, keep_in_memory=True)):  # a later run in the same process
         for clip in clips:
             assert torch.equal(kept(clip), fresh(clip))
     assert len(decodes) == 3 + 3 + 3   # fresh: twice; kept: once, shared by both loaders
