@@ -402,6 +402,20 @@ class VideoLoader:
             return None
 
 
+def read_samples(stage, data_file, video_root=None, rehearse=None, rehearse_ratio=2, epochs=1, seed=0):
+    """A training stage's samples: NextQA jsonl for "grpo", LLaVA json for "sft", with `rehearse` (the
+    previous stage's LLaVA json) mixed in by rehearsal_mix. Videos are relative to `video_root`, or to
+    each file's own folder. Returns (list of Sample, the number of epochs to read it for).
+    Raises: ValueError naming the file and record of a malformed one (the readers, rehearsal_mix)."""
+    root = lambda file: Path(video_root) if video_root else Path(file).parent
+    read = read_nextqa_jsonl if stage == "grpo" else read_llava_json
+    items = read(data_file, root(data_file))
+    if not rehearse:
+        return items, epochs
+    old = read_llava_json(rehearse, root(rehearse))
+    return rehearsal_mix(items, old, epochs, rehearse_ratio, seed, rehearse), 1
+
+
 def batch_indices(n_items, step, per_rank, rank, world, seed):
     """This rank's item indices for a step: epoch e's order is a permutation seeded by (seed, e);
     a global batch is world * per_rank consecutive items of it; rank r takes its slice.

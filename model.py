@@ -684,3 +684,26 @@ def load_optimizer(optimizer, state):
             st.update({k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
                        for k, v in st.items() if torch.is_tensor(v) and v.ndim > 0})
     optimizer.load_state_dict(state)
+
+
+def memory_report(model, world, fsdp, with_reference, device):
+    """Bytes per rank for parameters, gradients, AdamW state and the reference model; a warning when
+    they exceed the device's memory. Activations and the KV cache come on top. Returns a str."""
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shard = world if fsdp else 1
+    parts = {"parameters (fp32)": 4 * n_all / shard, "gradients (fp32)": 4 * n_train / shard,
+             "AdamW state (fp32 m, v)": 8 * n_train / shard}
+    if with_reference:
+        parts["reference model"] = (2 if device.type == "cuda" else 4) * n_all
+    total = sum(parts.values())
+    lines = [f"memory per rank ({'FSDP over %d ranks' % world if fsdp else 'data parallel'}, "
+             f"{n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained):"]
+    lines += [f"  {k:26s} {v / 2**30:8.2f} GiB" for k, v in parts.items()]
+    lines.append(f"  {'total before activations':26s} {total / 2**30:8.2f} GiB")
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+        if total > 0.9 * have:
+            lines.append(f"  WARNING: that is more than 90% of this GPU's {have / 2**30:.0f} GiB; "
+                         f"try --fsdp, --grad-checkpointing or more GPUs")
+    return "\n".join(lines)

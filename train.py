@@ -1,18 +1,16 @@
 """
 Train TinyLLaVA-Video-R1 (paper s4.1): cold-start SFT, then GRPO with the rule rewards.
 
-    python train.py --stage sft  --init CKPT --data coldstart.json --out runs/coldstart --lr 1e-5 --schedule constant
-    python train.py --stage grpo --init runs/coldstart/final --data nextqa.jsonl --video-root DATA --out runs/r1
+    python train.py --stage sft --init CKPT --data cold16.json --out runs/cold --lr 1e-5 --schedule constant
+    python train.py --stage grpo --init runs/cold/final --data nextqa.jsonl --video-root DATA --out runs/r1
     torchrun --nproc_per_node 8 train.py --stage grpo ...          # the paper's 8 GPUs, 1 prompt each
     python train.py shapes                 # the whole pipeline on the synthetic shapes task, CPU, minutes
 
-The file reads top to bottom: the flags, the distributed helpers, one GRPO step (rollouts, rewards,
-advantages, loss and backward), one SFT step, checkpoints, the main loop, and the shapes pipeline.
-
-One optimizer step of GRPO: each rank takes its prompts; for each prompt it runs the frozen vision tower
-once, samples G = 8 completions with the unwrapped model, scores them (rewards.py), turns rewards
-into group advantages (grpo.py, eq. 2), and back-propagates the loss of eq. (1) in micro-batches; then
-the gradients are averaged over ranks and AdamW steps.
+Read top to bottom: the flags, the distributed helpers, one GRPO step (rollouts, rewards, advantages,
+reference log-probs, loss and backward, in call order), one SFT step, checkpoints, the main loop, and
+the shapes pipeline. A GRPO step runs each prompt's frozen vision tower once, samples G = 8 completions
+with the unwrapped model, scores them (rewards.py), turns rewards into group advantages (grpo.py, eq. 2)
+and back-propagates the loss of eq. (1) in micro-batches; then the ranks average gradients and AdamW steps.
 
 Data parallel, by hand: every rank holds the whole model (or, with --fsdp, a shard of it: torch's
 FSDP2), takes a disjoint slice of each global batch, and every loss is normalised so that the mean of
@@ -60,7 +58,7 @@ def parser():
     g.add_argument("--stage", choices=["sft", "grpo"], default="grpo", help="cold-start SFT or GRPO")
     g.add_argument("--init", required=True, help="checkpoint folder or hub id; 'tiny' = a new tiny model")
     g.add_argument("--data", required=True, help="grpo: NextQA-format jsonl; sft: LLaVA-format json")
-    g.add_argument("--video-root", default=None, help="videos are relative to this (default: the data's folder)")
+    g.add_argument("--video-root", default=None, help="videos are relative to this (default: --data's dir)")
     g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints")
     g.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
     g = p.add_argument_group("GRPO (paper s3.2, s4.3.3; the reference's sampling settings)")
@@ -108,7 +106,7 @@ def parser():
     g.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps")
     g.add_argument("--video-gain-every", type=int, default=25,
                    help="sft: every N steps log video_gain (is the model reading the video? 0 = never)")
-    g.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more videos than this fail")
+    g.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more videos fail")
     g.add_argument("--wandb", default=None, help="a wandb project name (needs wandb installed)")
     g.add_argument("--keep-videos-in-memory", action="store_true",
                    help="decode each clip once (small data sets: the shapes task)")
@@ -152,7 +150,8 @@ def settings(**overrides):
 # Distributed helpers (shared with evaluate.py)
 
 def dist_init():
-    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun; NCCL on CUDA, gloo on CPU. Returns (rank, world, device)."""
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun; NCCL on CUDA, gloo on CPU.
+    Returns (rank, world, device); (0, 1, the one device) without torchrun."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -168,7 +167,7 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def master_process():
+def master_process():  # rank 0 writes the logs and checkpoints
     return rank() == 0
 
 
@@ -207,9 +206,7 @@ def seeded(*key, device="cpu"):
 
 def autocast(device):
     # bf16 compute on CUDA over fp32 master weights; plain fp32 on CPU.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +242,8 @@ def temporal_bonus(tok, shuffled, acc, answer, letters, alpha, mu):
     """2b. T-GRPO (Video-R1): +alpha for each right ordered completion when the ordered group beats the
     shuffled one (rewards.temporal_bonus). shuffled: (ids, mask) of the G/2 completions on shuffled frames.
     Returns float32 (G,)."""
-    shuffled_acc = [rewards.accuracy_reward(t, answer, options=letters) for t in M.decode_completions(tok, *shuffled)]
+    texts = M.decode_completions(tok, *shuffled)
+    shuffled_acc = [rewards.accuracy_reward(t, answer, options=letters) for t in texts]
     return torch.tensor(rewards.temporal_bonus(acc.tolist(), shuffled_acc, alpha, mu))
 
 
@@ -253,8 +251,11 @@ def reference_logprobs(model, ref_model, prompt, feats, ids, need_old):
     """4. Per-token log-probs (G, L) of the completions under the reference model (None without one) and
     under the sampling policy (None when each rollout gets one update: then old = logp.detach())."""
     with torch.no_grad():
-        ref = None if ref_model is None else ref_model.completion_logprobs(prompt, ref_model.connect([feats])[0], ids)
-        old = model.completion_logprobs(prompt, model.connect([feats])[0], ids) if need_old else None
+        ref = old = None
+        if ref_model is not None:
+            ref = ref_model.completion_logprobs(prompt, ref_model.connect([feats])[0], ids)
+        if need_old:
+            old = model.completion_logprobs(prompt, model.connect([feats])[0], ids)
     return ref, old
 
 
@@ -271,8 +272,8 @@ def backward(model, group, n_sequences, micro_batch, loss_kw, device):
             logp = model.completion_logprobs(group["prompt"], video, group["ids"][sl])
         old = logp.detach() if group["old_logp"] is None else group["old_logp"][sl]
         ref = None if group["ref_logp"] is None else group["ref_logp"][sl]
-        loss, m = grpo.grpo_loss(logp, old, ref, group["adv"][sl], group["mask"][sl], num_sequences=n_sequences,
-                                 **loss_kw)
+        loss, m = grpo.grpo_loss(logp, old, ref, group["adv"][sl], group["mask"][sl],
+                                 num_sequences=n_sequences, **loss_kw)
         (loss * group["weight"]).backward()
         total += loss.item() * group["weight"]
         stats.append(m)
@@ -284,8 +285,8 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
     adv, ref_logp, old_logp), its weight and its metrics. A prompt whose video failed (pixels None)
     gets a zero-weight group on a blank video, one eos per row: the same passes, no gradient, so ranks
     stay in step."""
-    prompts = [torch.tensor(M.tokenize_prompt(tok, data.chat_prompt(data.build_question(s.question, "reason"))),
-                            device=device) for s in samples]
+    chats = [data.chat_prompt(data.build_question(s.question, "reason")) for s in samples]
+    prompts = [torch.tensor(M.tokenize_prompt(tok, c), device=device) for c in chats]
     S, eos = model.cfg.image_size, tok.eos_token_id
     blank = torch.zeros(args.num_frames, 3, S, S)
     live = [i for i, px in enumerate(pixels) if px is not None]
@@ -319,7 +320,8 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
         r, acc, fmt = score(texts, sample.answer, letters, reward_fn(args))             # 2. rewards
         bonus = torch.zeros(args.G)
         if i in shuffled:
-            bonus = temporal_bonus(tok, shuffled[i], acc, sample.answer, letters, args.tgrpo_alpha, args.tgrpo_mu)
+            bonus = temporal_bonus(tok, shuffled[i], acc, sample.answer, letters, args.tgrpo_alpha,
+                                   args.tgrpo_mu)
         total = r + bonus
         adv = grpo.group_advantages(total, args.G, scale_by_std=args.loss_type == "grpo",   # 3. advantages
                                     noise_std=args.noise_std, generator=seeded(*keys[i], "noise"))
@@ -353,7 +355,8 @@ def grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
     sec_rollout = time.time() - t0  # sampling and the reference model's log-probs
-    loss_kw = dict(clip_eps=args.clip_eps, beta=args.beta, loss_type=args.loss_type, max_len=args.max_new_tokens)
+    loss_kw = dict(clip_eps=args.clip_eps, beta=args.beta, loss_type=args.loss_type,
+                   max_len=args.max_new_tokens)
     stats = []
     for it in range(args.num_iterations):
         for g in groups:
@@ -371,8 +374,8 @@ def grpo_log_row(metrics, stats, sec_rollout, tgrpo, device):
     ms = [m for m in metrics if m]
     flat = lambda k: [v for m in ms for v in m[k]]
     think = [c for c, ok in zip(flat("think_chars"), flat("well_formed")) if ok]
-    sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")), sum(flat("fmt")),
-                    sum(flat("length")), len(flat("reward")), sum(s["kl"] for s in stats),
+    sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")),
+                    sum(flat("fmt")), sum(flat("length")), len(flat("reward")), sum(s["kl"] for s in stats),
                     sum(s["clip_ratio"] for s in stats), len(stats), len(metrics) - len(ms), len(think),
                     sum(think), sum(flat("bonus"))], device)
     r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped, n_ok, think_sum, bonus = sums
@@ -380,7 +383,8 @@ def grpo_log_row(metrics, stats, sec_rollout, tgrpo, device):
     row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
            "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
            "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1),
-           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped), "sec_rollout": sec_rollout}
+           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped),
+           "sec_rollout": sec_rollout}
     if tgrpo:
         row["rewards/temporal"] = bonus / n
     if ms:
@@ -503,39 +507,27 @@ def build_model(init, data_file, out, seed, device):
     return M.TinyLlavaVideo(M.tiny_config(len(tok))).to(device), tok
 
 
-def memory_report(model, world, fsdp, with_reference, device):
-    """Bytes per rank for parameters, gradients, AdamW state and the reference model; a warning when
-    they exceed the device's memory. Activations and the KV cache come on top. Returns a str."""
-    n_all = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    shard = world if fsdp else 1
-    parts = {"parameters (fp32)": 4 * n_all / shard, "gradients (fp32)": 4 * n_train / shard,
-             "AdamW state (fp32 m, v)": 8 * n_train / shard}
-    if with_reference:
-        parts["reference model"] = (2 if device.type == "cuda" else 4) * n_all
-    total = sum(parts.values())
-    lines = [f"memory per rank ({'FSDP over %d ranks' % world if fsdp else 'data parallel'}, "
-             f"{n_all / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trained):"]
-    lines += [f"  {k:26s} {v / 2**30:8.2f} GiB" for k, v in parts.items()]
-    lines.append(f"  {'total before activations':26s} {total / 2**30:8.2f} GiB")
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-        if total > 0.9 * have:
-            lines.append(f"  WARNING: that is more than 90% of this GPU's {have / 2**30:.0f} GiB; "
-                         f"try --fsdp, --grad-checkpointing or more GPUs")
-    return "\n".join(lines)
-
-
-def load_items(args):
-    """The stage's samples (NextQA jsonl for GRPO, LLaVA json for SFT, with --rehearse mixed in) and the
-    number of epochs to read them for. Videos are relative to --video-root or each file's folder."""
-    root = lambda file: Path(args.video_root) if args.video_root else Path(file).parent
-    read = data.read_nextqa_jsonl if args.stage == "grpo" else data.read_llava_json
-    items = read(args.data, root(args.data))
-    if not args.rehearse:
-        return items, args.epochs
-    old = data.read_llava_json(args.rehearse, root(args.rehearse))
-    return data.rehearsal_mix(items, old, args.epochs, args.rehearse_ratio, args.seed, args.rehearse), 1
+def load_models(args, out, device):
+    """The policy (from --init, or --resume's checkpoint), in training mode and sharded with --fsdp; the
+    reference model of the KL term (the starting checkpoint, frozen; None when beta = 0 or for SFT); the
+    tokenizer. Returns (model, ref_model, tokenizer)."""
+    if args.resume is None:
+        model, tok = build_model(args.init, args.data, out, args.seed, device)
+    else:
+        model, tok = M.from_pretrained(args.resume, device=device)
+    ref_model = None
+    if args.stage == "grpo" and args.beta > 0:
+        ref_model = M.from_pretrained(args.init, device=device)[0] if args.resume else copy.deepcopy(model)
+        ref_model = ref_model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ref_model.eval().requires_grad_(False)
+    if args.grad_checkpointing:
+        model.enable_grad_checkpointing()
+    if args.train_vision:
+        model.unfreeze_vision()
+    model.train()
+    if args.fsdp:
+        M.shard_model(model)
+    return model, ref_model, tok
 
 
 def lr_at(step, total, warmup, schedule):
@@ -561,23 +553,7 @@ def train(args):
     barrier()
     log = (lambda *a: None) if args.quiet else print0
 
-    # model, reference model (the starting checkpoint, frozen), optimizer
-    if args.resume is None:
-        model, tok = build_model(args.init, args.data, out, args.seed, device)
-    else:
-        model, tok = M.from_pretrained(args.resume, device=device)
-    ref_model = None
-    if args.stage == "grpo" and args.beta > 0:
-        ref_model = M.from_pretrained(args.init, device=device)[0] if args.resume else copy.deepcopy(model)
-        ref_model = ref_model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-        ref_model.eval().requires_grad_(False)
-    if args.grad_checkpointing:
-        model.enable_grad_checkpointing()
-    if args.train_vision:
-        model.unfreeze_vision()
-    model.train()
-    if args.fsdp:
-        M.shard_model(model)
+    model, ref_model, tok = load_models(args, out, device)
     params = [p for p in model.parameters() if p.requires_grad]  # connector + LLM; the vision tower is frozen
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
 
@@ -590,8 +566,8 @@ def train(args):
         optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    # data
-    items, epochs = load_items(args)
+    items, epochs = data.read_samples(args.stage, args.data, args.video_root, args.rehearse,
+                                      args.rehearse_ratio, args.epochs, args.seed)
     per_rank = args.prompts_per_rank if args.stage == "grpo" else args.batch_size
     steps_per_epoch = len(items) // (per_rank * world)
     assert steps_per_epoch > 0, f"{len(items)} samples cannot fill one step of {per_rank} x {world} ranks"
@@ -605,7 +581,7 @@ def train(args):
         M.load_optimizer(optimizer, state["optimizer"])
         start = state["step"]
         log(f"resumed from {args.resume} at step {start}")
-    log(memory_report(model, world, args.fsdp, ref_model is not None, device))
+    log(M.memory_report(model, world, args.fsdp, ref_model is not None, device))
     log(f"{args.stage}: {len(items)} samples, {world} rank(s) x {per_rank} per step, {total_steps} steps")
     if args.wandb and master_process():
         import wandb
@@ -627,15 +603,13 @@ def train(args):
         else:
             gain = args.video_gain_every and (step + 1) % args.video_gain_every == 0
             row = sft_step(model, tok, samples, pixels, device, world, gain)
-        row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=update(), sec=time.time() - t0,
-                   skipped_total=len(videos.bad))
+        row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=update(),
+                   sec=time.time() - t0, skipped_total=len(videos.bad))
         if device.type == "cuda":  # this rank's peak since the start: parameters, optimizer, activations
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        write_log(out / "metrics.jsonl", row, args.wandb)
         eta = (time.time() - t_start) / (step + 1 - start) * (total_steps - step - 1)
-        log(format_row(row, total_steps, eta))
-        if args.stage == "grpo" and (step + 1) % args.sample_every == 0 and row.get("sample"):
-            log(f"  sample (reward {row['sample'][1]:+.2f}, label {row['sample'][2]}): {row['sample'][0][:300]!r}")
+        show_sample = (step + 1) % args.sample_every == 0
+        log_step(out / "metrics.jsonl", row, total_steps, eta, args.wandb, log, show_sample)
         if (step + 1) % args.save_every == 0 or interrupted or step + 1 == total_steps:
             name = "final" if step + 1 == total_steps else f"step-{step + 1:06d}"
             save_checkpoint(out / name, model, tok, optimizer, step + 1, args)
@@ -650,15 +624,19 @@ def train(args):
     return out / "final"
 
 
-def write_log(path, row, wandb_project):
-    """Append the step's row (less the sample text) to metrics.jsonl, and to wandb; rank 0 only."""
-    if not master_process():
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
-    if wandb_project:
-        import wandb
-        wandb.log(row, step=row["step"])
+def log_step(path, row, total, eta, wandb_project, log, show_sample):
+    """The step's row (less the sample text) appended to metrics.jsonl and sent to wandb, on rank 0; its
+    log line; with show_sample, one of the step's completions (GRPO)."""
+    if master_process():
+        with open(path, "a") as f:
+            f.write(json.dumps({k: v for k, v in row.items() if k != "sample"}) + "\n")
+        if wandb_project:
+            import wandb
+            wandb.log(row, step=row["step"])
+    log(format_row(row, total, eta))
+    if show_sample and row.get("sample"):
+        text, reward, label = row["sample"]
+        log(f"  sample (reward {reward:+.2f}, label {label}): {text[:300]!r}")
 
 
 def format_row(row, total, eta):
@@ -692,7 +670,7 @@ SHAPES = dict(
     n_train=2000, n_test=250,
     eval_tokens={"option": 4, "reason": 96},    # a letter; a thought of ~30 tokens and its tags
     base=dict(lr=1e-3,              # at 2e-3 the base's Option accuracy ranged 43-64% over initialisations
-              epochs=3,             # 84.4% Option, against 62.8 with 2; 4 make a better R1 that GRPO adds less to
+              epochs=3,             # 84.4% Option, against 62.8 with 2 (with 4, GRPO adds less to R1)
               warmup=0.05, batch_size=16, save_every=100_000, keep_videos_in_memory=True,
               train_vision=True),   # a random frozen tower read less (base 84.0% against 87.6)
     # Direction questions are a plateau for a model from scratch: in the mix of the five types it stays at
@@ -715,8 +693,10 @@ SHAPES = dict(
 SMOKE = dict(  # a few steps of each stage: the CI's test of the pipeline
     n_train=20, n_test=5, eval_tokens={"option": 2, "reason": 8},
     base=dict(lr=2e-3, epochs=1, batch_size=8, max_steps=2, train_vision=True, quiet=True),
-    direction=dict(epochs=2, rehearse_ratio=1, max_steps=1), direction_all=dict(epochs=2, rehearse_ratio=1, max_steps=1),
-    cold=dict(lr=1e-4, schedule="constant", batch_size=4, max_steps=1, quiet=True), rehearsal=SHAPES["rehearsal"],
+    direction=dict(epochs=2, rehearse_ratio=1, max_steps=1),
+    direction_all=dict(epochs=2, rehearse_ratio=1, max_steps=1),
+    cold=dict(lr=1e-4, schedule="constant", batch_size=4, max_steps=1, quiet=True),
+    rehearsal=SHAPES["rehearsal"],
     grpo=dict(lr=1e-4, G=4, prompts_per_rank=2, max_new_tokens=8, ml=300, max_steps=2, quiet=True),
 )
 
@@ -726,7 +706,7 @@ def shapes_args(argv):
     p.add_argument("--out", default="runs/shapes", help="the run's folder: data, checkpoints, results")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation, sampling")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (the CI test)")
-    g = p.add_argument_group("the paper's ablations (s4.3), each a GRPO run of its own beside the default one")
+    g = p.add_argument_group("the paper's ablations (s4.3), each a GRPO run of its own beside the default")
     g.add_argument("--no-coldstart", action="store_true", help="s4.3.1: GRPO straight from the base model")
     g.add_argument("--no-rehearsal", action="store_true", help="the paper's cold start: its 16 samples alone")
     g.add_argument("--reward", choices=["format", "length", "penalty"], default="penalty",
@@ -750,30 +730,29 @@ def shapes_pipeline(argv):
     S, out, d = SMOKE if a.smoke else SHAPES, Path(a.out), Path(a.out) / "data"
     t_all, times = time.time(), {}
 
-    def stage(name, folder, fn):
-        if (folder / "final").exists():
+    def stage(name, result, fn):  # runs fn unless its result is on disk
+        if result.exists():
             return
         t0 = time.time()
         fn()
         times[name] = time.time() - t0
         print(f"== {name}: {times[name] / 60:.1f} min", flush=True)
 
-    if not (d / "test.jsonl").exists():
-        stage("data", d / "none", lambda: data.generate_shapes(d, S["n_train"], S["n_test"], a.seed))
+    stage("data", d / "test.jsonl", lambda: data.generate_shapes(d, S["n_train"], S["n_test"], a.seed))
     missing = [f for f in ("sft-direction.json", "sft-direction-all.json") if not (d / f).exists()]
     if missing:
         raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out")
     sft = lambda init, data_file, run, **kw: lambda: train(settings(
         stage="sft", init=str(init), data=str(d / data_file), out=str(run), seed=a.seed, **kw))
-    stage("base SFT", out / "base", sft("tiny", "sft.json", out / "base", **S["base"]))
+    stage("base SFT", out / "base/final", sft("tiny", "sft.json", out / "base", **S["base"]))
     for prev, part, records in (("base", "base-direction", "sft-direction.json"),
                                 ("base-direction", "base-all", "sft-direction-all.json")):
         kw = {**S["base"], **S["direction" if part == "base-direction" else "direction_all"]}
-        stage(f"base SFT, {part}", out / part, sft(out / prev / "final", records, out / part,
-                                                    rehearse=str(d / "sft.json"), **kw))
+        stage(f"base SFT, {part}", out / part / "final", sft(out / prev / "final", records, out / part,
+                                                              rehearse=str(d / "sft.json"), **kw))
     base, cold = out / "base-all", out / ("coldstart" + "-norehearsal" * a.no_rehearsal)
-    rehearse = {} if a.no_rehearsal else dict(rehearse=str(d / "sft.json"), **S["rehearsal"])
-    stage("cold start", cold, sft(base / "final", "coldstart.json", cold, **{**S["cold"], **rehearse}))
+    kw = {**S["cold"], **({} if a.no_rehearsal else dict(rehearse=str(d / "sft.json"), **S["rehearsal"]))}
+    stage("cold start", cold / "final", sft(base / "final", "coldstart.json", cold, **kw))
     beta = "" if a.beta is None else "nokl" if a.beta == 0 else f"beta{a.beta:g}"  # a run folder per setting
     name = "r1" + "".join(f"-{x}" for x, on in (
         ("nocold", a.no_coldstart), ("norehearsal", a.no_rehearsal and not a.no_coldstart),
@@ -784,7 +763,7 @@ def shapes_pipeline(argv):
                **({"max_steps": a.grpo_steps} if a.grpo_steps else {})}
     if not (r1 / "final").exists():
         shutil.rmtree(r1, ignore_errors=True)  # a half-finished run starts over
-    stage(f"GRPO ({name})", r1, lambda: train(settings(
+    stage(f"GRPO ({name})", r1 / "final", lambda: train(settings(
         stage="grpo", init=str((base if a.no_coldstart else cold) / "final"), data=str(d / "train.jsonl"),
         out=str(r1), seed=a.seed, loss_type=a.loss_type, no_length_reward=a.reward == "format",
         no_wrong_penalty=a.reward != "penalty", tgrpo=a.tgrpo, **grpo_kw)))
@@ -795,11 +774,10 @@ def shapes_pipeline(argv):
                               ("TinyLLaVA-Video-ColdStart", cold, "reason"),
                               (f"TinyLLaVA-Video-R1 ({name})", r1, "reason")):
         res = out / "eval" / f"{ckpt.name}-{mode}.json"
-        if not res.exists():
-            res.parent.mkdir(parents=True, exist_ok=True)
-            stage(f"eval {ckpt.name} ({mode})", res.with_suffix(""), lambda: evaluate.run(evaluate.settings(
-                model=str(ckpt / "final"), bench="jsonl", data_root=str(d / "test.jsonl"), mode=mode,
-                out=str(res), name=label, reason_sep="space", max_new_tokens=S["eval_tokens"][mode])))
+        res.parent.mkdir(parents=True, exist_ok=True)
+        stage(f"eval {ckpt.name} ({mode})", res, lambda: evaluate.run(evaluate.settings(
+            model=str(ckpt / "final"), bench="jsonl", data_root=str(d / "test.jsonl"), mode=mode,
+            out=str(res), name=label, reason_sep="space", max_new_tokens=S["eval_tokens"][mode])))
         results.append(json.loads(res.read_text()))
     comparisons = evaluate.shapes_report(results, d / "test.jsonl")
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "

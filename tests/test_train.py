@@ -271,3 +271,27 @@ def test_videos_kept_in_memory_equal_fresh_decodes(setup, tmp_path, monkeypatch)
     clips[0].write_bytes(other.read_bytes())  # written again: decoded again, not served from memory
     assert torch.equal(kept(clips[0]), fresh(other))
     assert len(decodes) == 9 + 2
+
+
+def test_the_frozen_tower_runs_once_per_video_per_grpo_step(setup, tmp_path, monkeypatch):
+    """Rollout, T-GRPO's shuffled rollout, old and reference log-probs and the backward micro-batches all
+    share one vision-tower pass per prompt: 2 prompts, 1 step -> 2 passes, each over one clip's frames."""
+    d, init = setup
+    frames = []
+    forward = M.VisionTower.forward
+    monkeypatch.setattr(M.VisionTower, "forward", lambda self, px: frames.append(len(px)) or forward(self, px))
+    train.main(GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "r"),
+                       "--max-steps", "1", "--prompts-per-rank", "2", "--tgrpo", "--num-iterations", "2",
+                       "--beta", "0.05", "--micro-batch", "2"])
+    assert frames == [16, 16]
+
+
+def test_settings_are_the_flags_defaults_with_overrides():
+    args = train.settings(stage="sft", init="tiny", data="d.json", out="o", lr=1e-3)
+    assert args == train.get_args(["--stage", "sft", "--init", "tiny", "--data", "d.json", "--out", "o", "--lr", "1e-3"])
+    with pytest.raises(TypeError, match="not train.py flags: \\['learning_rate'\\]"):
+        train.settings(init="tiny", data="d.json", out="o", learning_rate=1e-3)
+    with pytest.raises(ValueError, match="missing settings: \\['out'\\]"):
+        train.settings(init="tiny", data="d.json")
+    with pytest.raises(ValueError, match="--train-vision is for the sft stage"):
+        train.settings(init="tiny", data="d.json", out="o", train_vision=True)
