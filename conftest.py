@@ -2,6 +2,6 @@
 import os
 
 # The suite is CPU's: fp32, exact comparisons, gloo for the 2-rank tests. On a GPU machine,
-# `CUDA_VISIBLE_DEVICES=0 python -m pytest -q tests` runs it on the GPU instead (on one H200, session
-# 16: 102 of 104 pass; the two 2-rank tests need a GPU per rank).
+# `CUDA_VISIBLE_DEVICES=0 python -m pytest -q tests` runs it on the GPU instead (the 2-rank
+# tests then need a GPU per rank).
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -1,10 +1,10 @@
 """
 Video in, prompts out: everything TinyLLaVA-Video-R1 reads before the model sees a token.
 
-1. load_video       -- the 16 frames of a clip, picked exactly as the reference picks them (SPEC.md s1)
-2. preprocess       -- frames -> SigLIP pixels: bicubic resize to S x S, x / 127.5 - 1 (SPEC.md s1)
-3. prompts          -- the qwen2_base chat template and the two answer modes (SPEC.md s1, s4; paper s3.3)
-4. readers          -- NextQA RL jsonl and LLaVA cold-start json (SPEC.md s6)
+1. load_video       -- the 16 frames of a clip, picked as tinyllava/data/video_preprocess.py picks them
+2. preprocess       -- frames -> SigLIP pixels: bicubic resize to S x S, x / 127.5 - 1
+3. prompts          -- the qwen2_base chat template and the two answer modes (paper s3.3)
+4. readers          -- NextQA RL jsonl and LLaVA cold-start json (the released training data)
 5. training feed    -- VideoLoader (failures counted, never substituted), rehearsal_mix
 6. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
 
@@ -36,7 +36,8 @@ PTS_CONTAINERS = ("mov", "matroska")  # ffmpeg demuxer names whose packets carry
 
 
 def frame_indices(n_frames, num_frames):
-    """Indices of the frames to keep: np.linspace(0, N-1, num_frames, dtype=int) (SPEC.md s1).
+    """Indices of the frames to keep: np.linspace(0, N-1, num_frames, dtype=int), as the
+    reference's tinyllava/data/video_preprocess.py.
 
     The int cast truncates, and a clip shorter than num_frames repeats indices, exactly as the
     reference does. Returns an int64 array of shape (num_frames,).
@@ -60,7 +61,7 @@ def load_video(path, num_frames=16, start=None, end=None):
         FileNotFoundError: the path does not exist.
         ValueError: the file cannot be decoded, or has no frame in [start, end]; the message
             names the file and the cause. No other video is ever substituted.
-    Source: SPEC.md section 1 ("Frames").
+    Source: the reference's tinyllava/data/video_preprocess.py, which decodes every frame, then picks.
     """
     path = Path(path)
     if not path.exists():
@@ -198,7 +199,7 @@ def _decode_in_order(container, stream, path, num_frames, start, end):
 # 2. Preprocessing
 
 def preprocess(frames, size=384):
-    """SigLIP preprocessing (SPEC.md s1): bicubic resize to size x size (aspect ratio not kept, no
+    """SigLIP preprocessing, as the released image processor: bicubic resize to size x size (aspect ratio not kept, no
     crop), then x / 127.5 - 1 (= rescale 1/255, normalise mean = std = 0.5).
 
     Args: frames: uint8 array or tensor (T, H, W, 3), RGB. size: S in pixels (384 at full size).
@@ -214,7 +215,7 @@ def preprocess(frames, size=384):
 
 
 # -----------------------------------------------------------------------------
-# 3. Prompts (exact characters: SPEC.md s1 and s4)
+# 3. Prompts (exact characters: the reference's qwen2_base template and paper s3.3's suffix)
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -258,7 +259,7 @@ def build_question(problem, mode="reason", sep=" "):
 
 
 def chat_prompt(question):
-    """The qwen2_base template, single turn, generation mode (SPEC.md s1). No space after
+    """The qwen2_base template (TinyLLaVA's conversation template), single turn, generation mode. No space after
     'ASSISTANT:'; a training answer is appended as '{answer}<|endoftext|>' right after it."""
     return f"{SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
@@ -270,7 +271,7 @@ def chat_turn(question):
 
 
 # -----------------------------------------------------------------------------
-# 4. Data set readers (SPEC.md s6)
+# 4. Data set readers (the released NextQA RL jsonl and cold-start json)
 
 @dataclass
 class Sample:
@@ -513,7 +514,7 @@ def make_scene(rng, qtype, letter_index):
     if qtype == "direction":
         # Colours from all five, not from `others`: those leave out the colour of the answer's letter, so
         # "a letter whose colour is not shown" was right one time in three, and every model answered
-        # that way (NOTES.md, session 17)
+        # that way
         c1, c2 = (str(c) for c in rng.permutation(names)[:2])
         move = DIRECTIONS[letter_index]
         x, y = spot()
@@ -607,7 +608,7 @@ def describe(scene):
 def colours(scene):
     """Every colour shown in the clip, in COLORS order: e.g. "Red, blue and magenta." Direct colour
     supervision for every clip: with only the QA and the description, the tiny base model barely
-    reads colours (option accuracy 30%; with this record 59%, NOTES.md)."""
+    reads colours (option accuracy 30%; with this record 59%)."""
     return _sentence(_listed(_shown(scene)))
 
 
@@ -640,7 +641,7 @@ def write_mp4(frames, path, fps=FPS):
     """Encode uint8 (T, H, W, 3) RGB frames as H.264 mp4, yuv420p, lossless (qp 0): the decoded pixels are
     the frames after the yuv420p conversion, whatever the encoder decides. With crf 12, ~35 of the 2,250
     shapes clips came out with other pixels (up to 6 levels) on each generation, so two runs of the same
-    pipeline trained on different data (NOTES.md, session 14)."""
+    pipeline trained on different data."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"

@@ -6,7 +6,7 @@ Evaluate a TinyLLaVA-Video checkpoint on the paper's benchmarks (Table 1) in Opt
     torchrun --nproc_per_node 8 evaluate.py ...              # items sharded over ranks, gathered on rank 0
     python evaluate.py table results/*.json                  # results -> a table in the layout of Table 1
 
-Benchmarks (formats in SPEC.md s6; local folders only):
+Benchmarks (their released layouts; local folders only):
     mvbench   DATA/json/<task>.json + DATA/video/...     mean of the 20 per-task accuracies
     videomme  DATA/*.json[l] (or *.parquet with pyarrow) + DATA/data/<videoID>.mp4     overall + per duration
     mlvu      DATA/json/<k>_<task>.json + DATA/video/<k>_<task>/...   M-Avg: mean of the 7 task accuracies
@@ -52,7 +52,7 @@ class Item:
 
 
 # -----------------------------------------------------------------------------
-# Loaders (SPEC.md s6)
+# Loaders (each benchmark's released layout)
 
 def _json(path):
     try:
@@ -131,7 +131,7 @@ def load_mmvu(root):
     root, items = Path(root), []
     for rec in _json(root / "validation.json"):
         if rec["question_type"] != "multiple-choice":
-            continue  # only the multiple-choice items count (SPEC.md s6)
+            continue  # only the 625 multiple-choice items count (the paper's MMVU (mc))
         letters = sorted(rec["choices"])
         if rec["answer"] not in letters:
             raise ValueError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {letters}")
@@ -157,7 +157,7 @@ LOADERS = {"mvbench": load_mvbench, "videomme": load_videomme, "mlvu": load_mlvu
 # Scoring
 
 def prompt_for(item, mode, reason_sep="\n"):
-    """The full prompt text of an item in an answer mode (SPEC.md s1, s4, s6)."""
+    """The full prompt text of an item in an answer mode (data.chat_prompt, data.build_question)."""
     sep = reason_sep if mode == "reason" else "\n"
     return data.chat_prompt(data.build_question(item.problem, mode, sep))
 

@@ -7,8 +7,8 @@ TinyLLaVA-Video (Group-16-512): SigLIP vision tower -> group Perceiver resampler
       -> spliced into the prompt where the <image> id -200 stands
       -> language model (Qwen2ForCausalLM)                                    logits
 
-Also here: loading and saving checkpoints in the released layout (SPEC.md s2), a tiny preset and a
-tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
+Also here: loading and saving checkpoints in the released layout (Zhang199/TinyLLaVA-Video-*), a tiny
+preset and a tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
 once, prefill each prompt once, copy its KV cache G times, decode all prompts' G rows together.
 
 Benchmarks (our sampler against HF generate(), prompts one by one against together) and a full-size
@@ -29,13 +29,13 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
 
-IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (SPEC.md s1)
+IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (the released config)
 IGNORE_INDEX = -100       # label of positions that get no loss
 
 # -----------------------------------------------------------------------------
 # Config
 
-QWEN25_3B = dict(  # the released text_config (SPEC.md s1)
+QWEN25_3B = dict(  # the released text_config: Qwen2.5-3B base
     vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
     num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
@@ -90,7 +90,7 @@ def tiny_config(vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# The connector: a group Perceiver resampler (SPEC.md s1), by hand
+# The connector: a group Perceiver resampler (the reference's tinyllava/model/connector/groupresampler.py)
 
 class PerceiverAttention(nn.Module):
     """Latents attend to [media tokens ; latents] (Flamingo's resampler attention)."""
@@ -122,7 +122,7 @@ def feed_forward(dim, mult=4):
 
 
 def sinusoid(n, dim):
-    """Positional encoding over n positions (SPEC.md s1): pe[:, 0::2] = sin(pos * div),
+    """Positional encoding over n positions (groupresampler.py's): pe[:, 0::2] = sin(pos * div),
     pe[:, 1::2] = cos(pos * div), div = exp(arange(0, dim, 2) * -ln(10000) / dim). Computed in fp32
     and rounded to fp16, as the reference builds it in fp16. Returns float16 (n, dim)."""
     pos = torch.arange(n, dtype=torch.float32)[:, None]
@@ -192,7 +192,7 @@ class VisionTower(nn.Module):
 
     Frozen in every stage of the paper (its SigLIP comes pretrained). Only a tiny model built from
     scratch trains its tower, in its base stage (`unfreeze`): a random frozen one read less (base
-    84.0% Option against 87.6, count 88 against 98, in a pair of session 17's runs; NOTES.md)."""
+    84.0% Option against 87.6, count 88 against 98, in a pair of runs)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -320,7 +320,8 @@ class TinyLlavaVideo(nn.Module):
 
 def tokenize_prompt(tokenizer, prompt):
     """Token ids of a prompt with one "<image>": the text before and after is tokenized separately and
-    joined with -200 (SPEC.md s1); no BOS. Returns a list[int]. Raises ValueError unless exactly one <image>."""
+    joined with -200 (the reference's tokenizer_image_token); no BOS. Returns a list[int].
+    Raises ValueError unless the prompt holds exactly one <image>."""
     parts = prompt.split("<image>")
     if len(parts) != 2:
         raise ValueError(f"prompt must hold exactly one <image>, holds {len(parts) - 1}: {prompt[:80]!r}")
@@ -348,7 +349,7 @@ def build_tokenizer(texts, out_dir, vocab_size=1024):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints in the released layout (SPEC.md s2)
+# Checkpoints in the released layout (a save_pretrained folder of TinyLlavaForConditionalGeneration)
 
 def config_dict(cfg):
     """The config.json of a checkpoint: the released keys, plus our two resampler keys."""
@@ -423,7 +424,7 @@ def load_state(path):
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load a checkpoint folder in the released layout (SPEC.md s2): config.json, safetensors
+    """Load a checkpoint folder in the released layout: config.json, safetensors
     (single file or sharded with an index), tokenizer files.
 
     Returns: (model, tokenizer), the model on `device` in `dtype`, vision tower frozen.
@@ -532,7 +533,8 @@ def completion_mask(ids, eos_id):
 
 
 def decode_completions(tokenizer, ids, mask):
-    """Texts of completions: each row's masked tokens, decoded without special tokens (SPEC.md s4).
+    """Texts of completions: each row's masked tokens, decoded without special tokens (as the reference's reward
+    functions read them).
     ids, mask: long (G, L) as returned by `sample`. Returns list[str] of length G."""
     return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
 

@@ -5,7 +5,7 @@ Every reward is a pure function of text (the completion, decoded without special
 label; no torch. The answer parser `parse_answer` is shared with evaluate.py, so the training reward
 and the benchmark metric cannot drift apart.
 
-Departures from the reference code (SPEC.md s4), each on purpose:
+Departures from the reference code (ZhangXJ199/TinyLLaVA-Video-R1's reward functions), each on purpose:
 1. eq. (4) as the paper writes it. The reference computes AR + (2AR - 1) FR, which gives +1.0 to a
    correct answer in a broken format; `reference_reward` reproduces it for comparison.
 2. An answer counts when the text in <answer></answer> is the letter, or the letter followed by a
@@ -133,7 +133,7 @@ def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1, options=None):
 
 
 # -----------------------------------------------------------------------------
-# Video-R1 (SPEC.md s5)
+# Video-R1 (arXiv 2503.21776; repository tulerfeng/Video-R1)
 
 def temporal_bonus(acc_ordered, acc_shuffled, alpha=0.3, mu=1.0):
     """T-GRPO's temporal reward: the G completions on ordered frames get +alpha each where correct,

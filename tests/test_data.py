@@ -326,7 +326,7 @@ def test_shapes_letters_balanced_and_text_only_baseline_near_chance():
         hits += guess == right(s)
     assert hits / len(test) < 0.30, hits / len(test)
     # Nor do a direction clip's colours tell its letter: the colour that shares the answer's letter is
-    # shown as often as any (2 of 5 colours shown: 0.4). It used to be never shown (NOTES.md, session 17).
+    # shown as often as any (2 of 5 colours shown: 0.4). (Drawn from the other four, it was never shown.)
     direction = [s for s in train if s["qtype"] == "direction"]
     shown = np.mean([list(data.COLORS)[data.LETTERS.index(s["answer"])] in {c for o in s["objects"] for c in o.colors}
                      for s in direction])
