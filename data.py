@@ -15,18 +15,26 @@ Run:
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import time
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+
+class UserError(ValueError):
+    """Bad input from the user: a data file, a flag, a checkpoint, a run folder, a full disk. Its message
+    names the file and record and says what is wrong; train.py and evaluate.py print it in one line,
+    without a traceback, and exit with status 2. Everything else keeps its traceback."""
+
 
 # -----------------------------------------------------------------------------
 # 1. Reading video
@@ -108,6 +116,8 @@ def _decode_image(file):
 
 
 def _load_from_container(container, path, num_frames, start, end):
+    if not container.streams.video:
+        raise ValueError(f"{path} has no video stream (audio only?)")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame threads change the speed, not the pixels
     # A demux pass reads packet headers only (no decoding): it gives the presentation timestamps
@@ -285,29 +295,59 @@ class Sample:
 ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 
 
+def read_text(path):
+    """A data file's text. Raises UserError naming the file (and the line) when it is missing, empty or
+    not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such data file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty")
+    return text
+
+
+def check_label(letter, problem, where):
+    """The label must be one letter among the record's own options (the "A. ..." lines of its problem).
+    Returns the letter. Raises UserError naming the record."""
+    letters = "".join(OPTION_LINE.findall(problem))
+    if not letters:
+        raise UserError(f"{where}: the question has no option lines ('A. ...')")
+    if len(letter) != 1 or letter not in letters:
+        raise UserError(f"{where}: the answer {letter!r} is not one of the record's option letters {letters}")
+    return letter
+
+
 def read_nextqa_jsonl(path, root=None):
     """Read NextQA RL data: one JSON object per line with `problem`, `solution` ("<answer>X</answer>")
     and `video_filename` (relative to `root`, default: the jsonl's folder).
 
-    Returns: list[Sample]. Raises: ValueError naming the file, line and field of a malformed record.
+    Returns: list[Sample]. Raises: UserError naming the file, line and field of a malformed record, or
+    of a label that is not one letter among the record's options (check_label).
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
+            raise UserError(f"{where}: not valid JSON ({e})") from None
         problem = _field(rec, "problem", where)
         solution = _field(rec, "solution", where)
         m = ANSWER_TAG.fullmatch(solution.strip())
-        if not m or m.group(1) not in LETTERS:
-            raise ValueError(f"{where}: field 'solution' must be '<answer>X</answer>' with a letter, got {solution!r}")
-        samples.append(Sample(root / _field(rec, "video_filename", where), problem, m.group(1)))
+        if not m:
+            raise UserError(f"{where}: field 'solution' must be '<answer>X</answer>', got {solution!r}")
+        label = check_label(m.group(1), problem, where)
+        samples.append(Sample(root / _field(rec, "video_filename", where), problem, label))
     return samples
 
 
@@ -319,45 +359,49 @@ def read_llava_json(path, root=None):
 
     Returns: list[Sample] with `question` / `target` = the last human / gpt text, `history` = the
     earlier (human, gpt) pairs, and `answer` = the letter inside the last gpt text's <answer> tag (or
-    that whole text if it is one letter), else None.
-    Raises: ValueError naming the file, record index and field of a malformed record.
+    that whole text if it is one letter), else None (a description, a caption).
+    Raises: UserError naming the file, record index and field of a malformed record, or of an answer
+    tag that does not hold one of the question's option letters (check_label).
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path}: expected a non-empty JSON list of records")
     samples = []
     for i, rec in enumerate(records):
         where = f"{path}: record {i}"
         turns = _field(rec, "conversations", where, list)
         roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
         if not turns or len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2):
-            raise ValueError(f"{where}: field 'conversations' must alternate human and gpt turns, human first, "
+            raise UserError(f"{where}: field 'conversations' must alternate human and gpt turns, human first, "
                              f"got {roles}")
         texts = [_field(t, "value", f"{where} turn {k} ({t['from']})") for k, t in enumerate(turns)]
         if not texts[0].startswith(IMAGE_TOKEN):
-            raise ValueError(f"{where}: the first human turn must start with {IMAGE_TOKEN!r}")
+            raise UserError(f"{where}: the first human turn must start with {IMAGE_TOKEN!r}")
         if any(IMAGE_TOKEN in t for t in texts[1:]):
-            raise ValueError(f"{where}: {IMAGE_TOKEN!r} may only open the first human turn")
+            raise UserError(f"{where}: {IMAGE_TOKEN!r} may only open the first human turn")
         texts[0] = texts[0][len(IMAGE_TOKEN):].lstrip("\n")
         pairs = list(zip(texts[::2], texts[1::2]))
         question, target = pairs[-1]
         m = ANSWER_TAG.search(target)
         letter = m.group(1) if m else target.strip()
-        samples.append(Sample(root / _field(rec, "video", where), question,
-                              letter if letter in LETTERS and letter else None, target, tuple(pairs[:-1])))
+        if m or (len(letter) == 1 and letter in LETTERS):  # an answer: it must be one of the options
+            letter = check_label(letter, question, where)
+        else:
+            letter = None
+        samples.append(Sample(root / _field(rec, "video", where), question, letter, target, tuple(pairs[:-1])))
     return samples
 
 
 def _field(rec, name, where, kind=str):
     if not isinstance(rec, dict) or name not in rec:
-        raise ValueError(f"{where}: missing field {name!r}")
+        raise UserError(f"{where}: missing field {name!r}")
     if not isinstance(rec[name], kind):
-        raise ValueError(f"{where}: field {name!r} must be {kind.__name__}, got {type(rec[name]).__name__}")
+        raise UserError(f"{where}: field {name!r} must be {kind.__name__}, got {type(rec[name]).__name__}")
     return rec[name]
 
 
@@ -370,20 +414,21 @@ _KEPT = {}
 
 
 class VideoLoader:
-    """Loads and preprocesses a sample's frames; counts failures and stops the run past a fraction.
+    """Loads and preprocesses a sample's frames, and counts the clips it read (`seen`) and those that
+    failed (`bad`); the training loop sums both over ranks and stops past a fraction (check_bad_videos).
     With keep_in_memory, each clip is decoded once per process and its pixels kept (float32,
     T*3*S*S*4 bytes: 192 KiB for the shapes task's 16 x 32 x 32 frames; callers must not modify them in
     place), keyed by the file's path, size and modification time and the frames asked for, so a file
     written again is decoded again. On the shapes task decoding was a third of a base step."""
 
-    def __init__(self, num_frames, size, max_bad_fraction, keep_in_memory=False, rank=0):
-        self.num_frames, self.size, self.max_bad = num_frames, size, max_bad_fraction
+    def __init__(self, num_frames, size, keep_in_memory=False, rank=0):
+        self.num_frames, self.size = num_frames, size
         self.seen, self.bad = 0, []
         self.keep, self.rank = keep_in_memory, rank
 
     def __call__(self, path):
-        """Returns float32 (T, 3, S, S) in [-1, 1], or None (with a warning) when the video cannot be read.
-        Raises: RuntimeError when, after 20 videos, more than max_bad_fraction of them have failed."""
+        """Returns float32 (T, 3, S, S) in [-1, 1], or None (with a warning naming the file and the cause)
+        when the video cannot be read. Another video is never substituted."""
         self.seen += 1
         try:
             st = os.stat(path)
@@ -397,17 +442,23 @@ class VideoLoader:
         except (FileNotFoundError, ValueError) as e:
             self.bad.append(str(path))
             print(f"[rank {self.rank}] WARNING: skipping sample, {e}", flush=True)
-            if len(self.bad) > max(1, self.max_bad * self.seen) and self.seen >= 20:
-                raise RuntimeError(f"{len(self.bad)} of {self.seen} videos failed (more than "
-                                   f"--max-bad-fraction {self.max_bad}): {self.bad[:20]}")
             return None
+
+
+def check_bad_videos(bad, seen, max_bad_fraction, examples=()):
+    """Stop the run when more than `max_bad_fraction` of the `seen` videos (the run's totals over all
+    ranks) failed. One failure is tolerated from the first video on; a second one among the first 20
+    stops a run at the default 5%. Raises UserError naming some of the files."""
+    if bad > max(1.0, max_bad_fraction * seen):
+        raise UserError(f"{bad:.0f} of {seen:.0f} videos failed, more than --max-bad-fraction "
+                        f"{max_bad_fraction}: {list(examples)[:5]}")
 
 
 def read_samples(stage, data_file, video_root=None, rehearse=None, rehearse_ratio=2, epochs=1, seed=0):
     """A training stage's samples: NextQA jsonl for "grpo", LLaVA json for "sft", with `rehearse` (the
     previous stage's LLaVA json) mixed in by rehearsal_mix. Videos are relative to `video_root`, or to
     each file's own folder. Returns (list of Sample, the number of epochs to read it for).
-    Raises: ValueError naming the file and record of a malformed one (the readers, rehearsal_mix)."""
+    Raises: UserError naming the file and record of a malformed one (the readers, rehearsal_mix)."""
     root = lambda file: Path(video_root) if video_root else Path(file).parent
     read = read_nextqa_jsonl if stage == "grpo" else read_llava_json
     items = read(data_file, root(data_file))
@@ -443,7 +494,7 @@ def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data")
     """
     n = round(ratio * epochs * len(samples))
     if len(old) < n:
-        raise ValueError(f"{where}: {len(old)} records, fewer than the {n} that {epochs} epochs of "
+        raise UserError(f"{where}: {len(old)} records, fewer than the {n} that {epochs} epochs of "
                          f"{len(samples)} samples rehearse with at {ratio:g} each")
     return samples * epochs + random.Random(seed).sample(old, n)
 
@@ -689,8 +740,11 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), s, i, seed) for s, n in (("train", n_train), ("test", n_test)) for i in range(n)]
-    with Pool(workers) as pool:
-        results = pool.map(_make_sample, jobs, chunksize=16)
+    if workers > 1:  # spawned, not forked: a fork of a process that runs torch's threads can deadlock
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_make_sample, jobs, chunksize=16)
+    else:
+        results = [_make_sample(job) for job in jobs]
     scenes = {"train": [], "test": []}
     for (job, (scene, rel)) in zip(jobs, results):
         scene["video"] = rel

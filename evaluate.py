@@ -21,6 +21,7 @@ letter: --guess-unparsed); a missing or undecodable video is reported, counted a
 accuracy instead of stopping the run.
 """
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -37,7 +38,7 @@ import torch.distributed as dist
 import data
 import model as M
 import rewards
-from train import dist_init, print0
+from train import cli, dist_init, print0
 
 
 @dataclass
@@ -56,15 +57,15 @@ class Item:
 
 def _json(path):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+        return json.loads(data.read_text(path))
+    except json.JSONDecodeError as e:
+        raise data.UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def _letter_of(answer_text, candidates, where):
     """The letter of an answer given as option TEXT. Raises ValueError naming the item if absent."""
     if answer_text not in candidates:
-        raise ValueError(f"{where}: answer {answer_text!r} is not among its options {candidates}")
+        raise data.UserError(f"{where}: answer {answer_text!r} is not among its options {candidates}")
     return data.LETTERS[candidates.index(answer_text)]
 
 
@@ -111,7 +112,7 @@ def load_videomme(root):
     for r in rows:
         letters = "".join(o.strip()[0] for o in r["options"])
         if r["answer"] not in letters:
-            raise ValueError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
+            raise data.UserError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
         problem = r["question"] + "\nOptions:\n" + "\n".join(o.strip() for o in r["options"])
         items.append(Item(r["question_id"], r["duration"], str(root / "data" / f"{r['videoID']}.mp4"), problem, r["answer"]))
     return items
@@ -134,7 +135,7 @@ def load_mmvu(root):
             continue  # only the 625 multiple-choice items count (the paper's MMVU (mc))
         letters = sorted(rec["choices"])
         if rec["answer"] not in letters:
-            raise ValueError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {letters}")
+            raise data.UserError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {letters}")
         video = rec["video"].split("videos/", 1)[-1]  # the release names URLs ending in videos/<subject>/<n>.mp4
         problem = rec["question"] + "\nOptions:\n" + "\n".join(f"{k}. {rec['choices'][k]}" for k in letters)
         items.append(Item(str(rec["id"]), "mc", str(root / "videos" / video), problem, rec["answer"]))
@@ -143,9 +144,7 @@ def load_mmvu(root):
 
 def load_jsonl(path):
     items = []
-    for i, s in enumerate(data.read_nextqa_jsonl(path)):
-        if s.answer not in data.option_letters(s.question):
-            raise ValueError(f"{path}: line {i + 1}: answer {s.answer} not among the options")
+    for i, s in enumerate(data.read_nextqa_jsonl(path)):  # the reader checks each label against its options
         items.append(Item(str(i), data.shapes_qtype(s.question), str(s.video), s.question, s.answer))
     return items
 
@@ -397,7 +396,7 @@ def parser():
     p.add_argument("--bench", choices=sorted(LOADERS), required=True, help="which benchmark's loader")
     p.add_argument("--data-root", required=True, help="the benchmark's local folder (jsonl: the file)")
     p.add_argument("--mode", choices=["option", "reason"], default="reason", help="answer with the letter / think")
-    p.add_argument("--out", required=True, help="results JSON (and <out>.rank<r>.jsonl while running)")
+    p.add_argument("--out", required=True, help="results JSON (and <out>.<key>.rank<r>.jsonl while running)")
     p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
     p.add_argument("--num-frames", type=int, default=16, help="frames per clip")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 16 option, 512 reason")
@@ -424,29 +423,48 @@ def settings(**overrides):
     args = argparse.Namespace(**{**defaults, **overrides})
     missing = [a.dest for a in p._actions if a.required and getattr(args, a.dest) is None]
     if missing:
-        raise ValueError(f"missing settings: {missing}")
+        raise data.UserError(f"missing settings: {missing}")
     return args
+
+
+def cache_key(args):
+    """What the partial results depend on: the checkpoint (its folder, and the size and time of its
+    weight files, so a checkpoint written again is evaluated again) and every setting that changes an
+    answer. Returns a 12-hex-digit key; partial results live in <out>.<key>.rank<r>.jsonl."""
+    folder = Path(str(args.model))
+    weights = sorted(folder.glob("*.safetensors*")) if folder.is_dir() else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
+    model_id = str(folder.resolve()) if folder.is_dir() else str(args.model)
+    answers = {k: v for k, v in vars(args).items() if k not in ("model", "out", "name", "batch_size")}
+    text = json.dumps([model_id, stamp, answers], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def run(args):
     """Evaluate args.model on args.bench; items are sharded over torchrun's ranks and gathered on rank 0,
-    which writes args.out and prints the tables. Returns the result dict on rank 0, else None."""
+    which writes args.out and prints the tables. Partial results (<out>.<cache_key>.rank<r>.jsonl) are
+    reused only by the same checkpoint with the same settings. Returns the result dict on rank 0, else
+    None. Raises UserError when the benchmark's folder holds no item."""
     rank, world, device = dist_init()
     items = LOADERS[args.bench](args.data_root)
+    if not items:
+        raise data.UserError(f"{args.data_root}: no {args.bench} items there (is --data-root the benchmark's "
+                             f"folder, in its released layout?)")
     items = items[:args.limit] if args.limit else items
+    part = f"{args.out}.{cache_key(args)}"
     model, tok = M.from_pretrained(args.model, device=device)
     model.eval()
     policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           args.seed)
     print0(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
-    evaluate(items, policy, args.mode, args.out, args.num_frames, model.cfg.image_size,
+    evaluate(items, policy, args.mode, part, args.num_frames, model.cfg.image_size,
              "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, print0,
              args.batch_size)
     result = None
     if world > 1:
         dist.barrier()
     if rank == 0:
-        rows = [json.loads(l) for r in range(world) for l in Path(f"{args.out}.rank{r}.jsonl").read_text().splitlines()]
+        rows = [json.loads(l) for r in range(world) for l in Path(f"{part}.rank{r}.jsonl").read_text().splitlines()]
         summary = summarize(args.bench, rows)
         name = args.name or Path(str(args.model)).name
         result = {"name": name, "mode": args.mode, "model": str(args.model), "args": vars(args),
@@ -468,4 +486,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

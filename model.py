@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
 
+from data import UserError
+
 IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (the released config)
 IGNORE_INDEX = -100       # label of positions that get no loss
 
@@ -371,7 +373,7 @@ def config_dict(cfg):
 def config_from_dict(d, where="config.json"):
     """Config from a checkpoint's config.json dict. Raises ValueError for another model type or connector."""
     if d.get("model_type") != "tinyllava" or d.get("connector_type", "groupresampler") != "groupresampler":
-        raise ValueError(f"{where}: model_type {d.get('model_type')!r} / connector_type "
+        raise UserError(f"{where}: model_type {d.get('model_type')!r} / connector_type "
                          f"{d.get('connector_type')!r}; expected 'tinyllava' / 'groupresampler'")
     return Config(text_config=dict(QWEN25_3B, **d["text_config"]),
                   vision_config=dict(SIGLIP_SO400M, **d.get("vision_config", {})),
@@ -439,12 +441,12 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     expected = expected_keys(model)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected - {"language_model.lm_head.weight"})
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model.\n  missing ({len(missing)}): {missing[:20]}"
+        raise UserError(f"{path}: checkpoint does not match the model.\n  missing ({len(missing)}): {missing[:20]}"
                          f"\n  unexpected ({len(unexpected)}): {unexpected[:20]}")
     own = model.state_dict()
     for k, v in state.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
     model.load_state_dict(state, strict=False)   # lm_head: tied to the embeddings when absent
     model.language_model.tie_weights()
     model.to(dtype)
@@ -461,11 +463,27 @@ def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 *
     dtype: cast the weights (the release is bf16); None keeps them (fp32 master weights for resume).
     state: the tensors to write (default: model.state_dict(); train.py passes FSDP's gathered state).
     extra: {file name: object} saved with torch.save into the same folder (the training state).
+    Files get the process umask's permissions (0644 under the usual 022), so others can read them.
+    Raises: UserError when the disk refuses the write (full, read-only); the temporary folder is removed.
     """
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_folder(tmp, model, tokenizer, dtype, max_shard_bytes, state, extra)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save: RuntimeError), a quota: clean up
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free / 2**30
+        raise UserError(f"cannot write the checkpoint {path}: {e} ({free:.1f} GiB free there)") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():  # safetensors writes 0600: give the files the process umask, as open() does
+        f.chmod(0o666 & ~umask)
+    replace_dir(tmp, path)
+
+
+def _write_folder(tmp, model, tokenizer, dtype, max_shard_bytes, state, extra):
     keys = expected_keys(model)
     state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous()
              for k, v in (state if state is not None else model.state_dict()).items() if k in keys}
@@ -494,7 +512,6 @@ def save_pretrained(model, path, tokenizer=None, dtype=None, max_shard_bytes=5 *
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
-    replace_dir(tmp, path)
 
 
 def replace_dir(tmp, path):

@@ -14,29 +14,42 @@ Departures from the reference code (ZhangXJ199/TinyLLaVA-Video-R1's reward funct
 
 Try: python rewards.py   (prints the reward of a few completions)
 """
-import re
 from typing import NamedTuple
 
 R0, R1, ML = 0.5, 0.5, 1200  # paper s3.4: base format reward, length reward weight, length cap (chars)
 R2 = R0 + R1                 # accuracy reward: "equal importance" with the format reward
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+# The parsers below use str.find, not regular expressions: they run in linear time on any input (a
+# lazy regex such as <answer>(.*?)</answer> is quadratic on text full of unclosed tags).
+
+
+def inside(text, open_tag, close_tag):
+    """The text between the first `open_tag` and the first `close_tag` after it, or None: what
+    re.search(open_tag + "(.*?)" + close_tag, text, re.DOTALL) finds, in linear time."""
+    start = text.find(open_tag)
+    if start < 0:
+        return None
+    end = text.find(close_tag, start + len(open_tag))
+    return None if end < 0 else text[start + len(open_tag):end]
 
 
 def format_ok(completion):
     """The format rule (paper s3.4): the stripped completion is exactly <think>...</think> then
     <answer>...</answer> (white space between allowed), and each of the four tags appears once."""
     text = completion.strip()
-    return FORMAT.fullmatch(text) is not None and all(text.count(tag) == 1 for tag in TAGS)
+    if any(text.count(tag) != 1 for tag in TAGS):
+        return False
+    think_end, answer_start = text.find("</think>"), text.find("<answer>")
+    return (text.startswith("<think>") and text.endswith("</answer>") and think_end < answer_start
+            and text[think_end + len("</think>"):answer_start].strip() == "")
 
 
 def think_length(completion):
     """Len of eq. (3): the number of CHARACTERS of the stripped text inside <think></think>
     (0 when there is no think block)."""
-    m = THINK.search(completion)
-    return len(m.group(1).strip()) if m else 0
+    thought = inside(completion, "<think>", "</think>")
+    return 0 if thought is None else len(thought.strip())
 
 
 def format_reward(completion, ml=ML, r0=R0, r1=R1, length_reward=True):
@@ -63,10 +76,9 @@ def parse_answer(text, options="ABCDE", tagged=True):
     followed by a non-letter: "B", "B.", "B. sheep", "B)" -> "B"; "(B)", "b", "Because", "" -> None.
     """
     if tagged:
-        m = ANSWER.search(text)
-        if m is None:
+        text = inside(text, "<answer>", "</answer>")
+        if text is None:
             return None
-        text = m.group(1)
     text = text.strip()
     if text and text[0] in options and (len(text) == 1 or not text[1].isalpha()):
         return text[0]
@@ -124,8 +136,8 @@ def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1, options=None):
     format (+1.0, not -2.0) and for "Because"-style answers. `options` is unused (the reference
     compares with the label only); it is here so both rewards are called alike.
     Returns: Reward(total, accuracy=AR, format=FR)."""
-    m = ANSWER.search(completion)
-    text = (m.group(1) if m else completion).strip()
+    tagged = inside(completion, "<answer>", "</answer>")
+    text = (completion if tagged is None else tagged).strip()
     AR = 1.0 if text == answer or text.startswith(answer) else 0.0
     FR = format_reward(completion, ml, r0, r1)
     r = AR + (2 * AR - 1) * FR

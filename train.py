@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -52,8 +53,13 @@ import rewards
 # Flags. Defaults are the paper's GRPO recipe (s4.1; the reference scripts for what it leaves out).
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line from rank 0 (cli), not a usage text from every rank
+        raise data.UserError(f"{self.prog}: {message} (see --help)")
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", choices=["sft", "grpo"], default="grpo", help="cold-start SFT or GRPO")
     g.add_argument("--init", required=True, help="checkpoint folder or hub id; 'tiny' = a new tiny model")
@@ -61,6 +67,7 @@ def parser():
     g.add_argument("--video-root", default=None, help="videos are relative to this (default: --data's dir)")
     g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints")
     g.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     g = p.add_argument_group("GRPO (paper s3.2, s4.3.3; the reference's sampling settings)")
     g.add_argument("--G", type=int, default=8, help="completions per prompt (the group)")
     g.add_argument("--prompts-per-rank", type=int, default=1, help="prompts per rank per optimizer step")
@@ -115,30 +122,25 @@ def parser():
 
 
 def check(args):
-    """Raises ValueError for settings that cannot go together."""
+    """Raises UserError for settings that cannot go together."""
     if args.rehearse and args.stage != "sft":
-        raise ValueError("--rehearse is for the sft stage (a cold start)")
+        raise data.UserError("--rehearse is for the sft stage (a cold start)")
     if args.train_vision and args.stage != "sft":
-        raise ValueError("--train-vision is for the sft stage: GRPO shares one tower pass among policy, "
+        raise data.UserError("--train-vision is for the sft stage: GRPO shares one tower pass among policy, "
                          "old policy and reference model, which needs a frozen tower")
     missing = [k for k in ("init", "data", "out") if getattr(args, k) is None]
     if missing:
-        raise ValueError(f"missing settings: {missing}")
+        raise data.UserError(f"missing settings: {missing}")
     return args
 
 
 def get_args(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        return check(args)
-    except ValueError as e:
-        p.error(str(e))
+    return check(parser().parse_args(argv))
 
 
 def settings(**overrides):
     """The flags' defaults with `overrides` (flag names with _ for -), as get_args returns them: how the
-    shapes pipeline calls train(). Raises TypeError for a name that is not a flag, ValueError as check."""
+    shapes pipeline calls train(). Raises TypeError for a name that is not a flag, UserError as check."""
     defaults = {a.dest: a.default for a in parser()._actions if a.dest != "help"}
     unknown = set(overrides) - set(defaults)
     if unknown:
@@ -167,6 +169,10 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def master_process():  # rank 0 writes the logs and checkpoints
     return rank() == 0
 
@@ -179,6 +185,17 @@ def print0(*args):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def cli(fn, *args):
+    """fn(*args) as a command: bad input (a UserError, a missing file) prints one line from rank 0,
+    without a traceback, and exits with status 2; any other error keeps its traceback."""
+    try:
+        return fn(*args)
+    except (data.UserError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def all_sum(values, device):
@@ -357,10 +374,14 @@ def grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update
     sec_rollout = time.time() - t0  # sampling and the reference model's log-probs
     loss_kw = dict(clip_eps=args.clip_eps, beta=args.beta, loss_type=args.loss_type,
                    max_len=args.max_new_tokens)
+    # eq. (1)'s mean over the scored sequences of all ranks (a skipped prompt's group has weight 0); the
+    # ranks' gradients are then averaged, hence the / world
+    scored = all_sum([sum(g["weight"] for g in groups)], device)[0]
+    n_sequences = max(scored, 1) * args.G / world_size()
     stats = []
     for it in range(args.num_iterations):
         for g in groups:
-            _, st = backward(model, g, len(groups) * args.G, args.micro_batch, loss_kw, device)
+            _, st = backward(model, g, n_sequences, args.micro_batch, loss_kw, device)
             stats += st if g["weight"] else []
         if it < args.num_iterations - 1:  # the extra updates of a reused rollout
             update()
@@ -492,6 +513,35 @@ def save_checkpoint(path, model, tok, optimizer, step, args):
 # -----------------------------------------------------------------------------
 # Setting up a run: model, reference model, optimizer, data
 
+def claim_run_folder(out, start, resume, overwrite):
+    """A run folder belongs to one run. A new run refuses a folder that holds anything (--overwrite
+    empties it first); a resumed run keeps metrics.jsonl's rows up to the checkpoint's step (the steps
+    after it run again). Temporary folders of saves that were killed midway are removed.
+    Raises UserError naming the folder and the ways out."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if re.search(r"\.(tmp\d+|old)$", stale.name) and stale.is_dir():
+            shutil.rmtree(stale)
+    metrics = out / "metrics.jsonl"
+    if resume:
+        if metrics.exists():
+            rows = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= start]
+            metrics.write_text("".join(r + "\n" for r in rows))
+    elif any(out.iterdir()) and not overwrite:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise data.UserError(f"{out} already holds a run ({held}): continue it with --resume "
+                             f"{out}/<checkpoint>, or choose another --out (--overwrite replaces it)")
+    elif overwrite:
+        shutil.rmtree(out)
+        out.mkdir()
+
+
+def new_tiny_model(tok, seed, device):
+    """The tiny preset, initialised from `seed` (the same weights for the same seed and tokenizer)."""
+    torch.manual_seed(seed)
+    return M.TinyLlavaVideo(M.tiny_config(len(tok))).to(device)
+
+
 def build_model(init, data_file, out, seed, device):
     """Returns (model, tokenizer). init 'tiny' builds a new tiny model whose tokenizer is trained on the
     texts of the data file's folder (data.tokenizer_texts; the shapes task), written to out/tokenizer."""
@@ -503,21 +553,26 @@ def build_model(init, data_file, out, seed, device):
         M.build_tokenizer(data.tokenizer_texts(Path(data_file).parent), tok_dir)
     barrier()
     tok = M.AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(seed)
-    return M.TinyLlavaVideo(M.tiny_config(len(tok))).to(device), tok
+    return new_tiny_model(tok, seed, device), tok
 
 
 def load_models(args, out, device):
     """The policy (from --init, or --resume's checkpoint), in training mode and sharded with --fsdp; the
-    reference model of the KL term (the starting checkpoint, frozen; None when beta = 0 or for SFT); the
-    tokenizer. Returns (model, ref_model, tokenizer)."""
+    reference model of the KL term (the starting checkpoint, frozen; None when beta = 0 or for SFT; a
+    resumed run rebuilds it from --init, a tiny one from --seed and the run's tokenizer); the tokenizer.
+    Returns (model, ref_model, tokenizer)."""
     if args.resume is None:
         model, tok = build_model(args.init, args.data, out, args.seed, device)
     else:
         model, tok = M.from_pretrained(args.resume, device=device)
     ref_model = None
     if args.stage == "grpo" and args.beta > 0:
-        ref_model = M.from_pretrained(args.init, device=device)[0] if args.resume else copy.deepcopy(model)
+        if not args.resume:
+            ref_model = copy.deepcopy(model)
+        elif args.init == "tiny":
+            ref_model = new_tiny_model(tok, args.seed, device)
+        else:
+            ref_model = M.from_pretrained(args.init, device=device)[0]
         ref_model = ref_model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_model.eval().requires_grad_(False)
     if args.grad_checkpointing:
@@ -548,8 +603,10 @@ def train(args):
     """Run one stage (args as get_args or settings returns them). Returns the final checkpoint's folder."""
     rank_, world, device = dist_init()
     out = Path(args.out)
+    state = torch.load(Path(args.resume) / "train_state.pt", weights_only=False) if args.resume else None
+    start = state["step"] if state else 0
     if master_process():
-        out.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(out, start, args.resume, args.overwrite)
     barrier()
     log = (lambda *a: None) if args.quiet else print0
 
@@ -572,14 +629,9 @@ def train(args):
     steps_per_epoch = len(items) // (per_rank * world)
     assert steps_per_epoch > 0, f"{len(items)} samples cannot fill one step of {per_rank} x {world} ranks"
     total_steps = min(steps_per_epoch * epochs, args.max_steps or steps_per_epoch * epochs)
-    videos = data.VideoLoader(args.num_frames, model.cfg.image_size, args.max_bad_fraction,
-                              args.keep_videos_in_memory, rank_)
-
-    start = 0
-    if args.resume:
-        state = torch.load(Path(args.resume) / "train_state.pt", weights_only=False)
+    videos = data.VideoLoader(args.num_frames, model.cfg.image_size, args.keep_videos_in_memory, rank_)
+    if state:
         M.load_optimizer(optimizer, state["optimizer"])
-        start = state["step"]
         log(f"resumed from {args.resume} at step {start}")
     log(M.memory_report(model, world, args.fsdp, ref_model is not None, device))
     log(f"{args.stage}: {len(items)} samples, {world} rank(s) x {per_rank} per step, {total_steps} steps")
@@ -587,8 +639,9 @@ def train(args):
         import wandb
         wandb.init(project=args.wandb, config=vars(args))
 
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *a: interrupted.append(True))  # finish the step, save, exit
+    interrupted = []  # Ctrl-C, or a scheduler's SIGTERM: finish the step, save, exit on every rank
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: interrupted.append(True))
     t_start = time.time()
     for step in range(start, total_steps):
         t0 = time.time()
@@ -597,6 +650,8 @@ def train(args):
         idx, global_idx = data.batch_indices(len(items), step, per_rank, rank_, world, args.seed)
         samples = [items[i] for i in idx]
         pixels = [videos(s.video) for s in samples]
+        seen, bad = all_sum([videos.seen, len(videos.bad)], device)  # the run's totals, over all ranks
+        data.check_bad_videos(bad, seen, args.max_bad_fraction, videos.bad)
         if args.stage == "grpo":
             keys = [(args.seed, step, gi) for gi in global_idx]
             row = grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update)
@@ -604,16 +659,17 @@ def train(args):
             gain = args.video_gain_every and (step + 1) % args.video_gain_every == 0
             row = sft_step(model, tok, samples, pixels, device, world, gain)
         row.update(step=step + 1, lr=optimizer.param_groups[0]["lr"], grad_norm=update(),
-                   sec=time.time() - t0, skipped_total=len(videos.bad))
+                   sec=time.time() - t0, skipped_total=int(bad))
         if device.type == "cuda":  # this rank's peak since the start: parameters, optimizer, activations
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         eta = (time.time() - t_start) / (step + 1 - start) * (total_steps - step - 1)
         show_sample = (step + 1) % args.sample_every == 0
         log_step(out / "metrics.jsonl", row, total_steps, eta, args.wandb, log, show_sample)
-        if (step + 1) % args.save_every == 0 or interrupted or step + 1 == total_steps:
+        stop = all_sum([len(interrupted)], device)[0] > 0  # one rank signalled: all save this step
+        if (step + 1) % args.save_every == 0 or stop or step + 1 == total_steps:
             name = "final" if step + 1 == total_steps else f"step-{step + 1:06d}"
             save_checkpoint(out / name, model, tok, optimizer, step + 1, args)
-        if interrupted:
+        if stop:
             log("interrupted: checkpoint saved, exiting")
             break
     if args.wandb and master_process():
@@ -727,12 +783,17 @@ def shapes_pipeline(argv):
     Raises ValueError when the data folder in --out lacks a part's records (an older data.py wrote it)."""
     import evaluate
     a = shapes_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise data.UserError("train.py shapes runs in one process: its stages share one data folder and "
+                             "size their batches for one rank. Run it without torchrun.")
     S, out, d = SMOKE if a.smoke else SHAPES, Path(a.out), Path(a.out) / "data"
     t_all, times = time.time(), {}
 
-    def stage(name, result, fn):  # runs fn unless its result is on disk
+    def stage(name, result, fn):  # runs fn unless its result is on disk; a half-finished run starts over
         if result.exists():
             return
+        if result.name == "final":
+            shutil.rmtree(result.parent, ignore_errors=True)
         t0 = time.time()
         fn()
         times[name] = time.time() - t0
@@ -761,8 +822,6 @@ def shapes_pipeline(argv):
     r1 = out / name
     grpo_kw = {**S["grpo"], **({} if a.beta is None else {"beta": a.beta}),
                **({"max_steps": a.grpo_steps} if a.grpo_steps else {})}
-    if not (r1 / "final").exists():
-        shutil.rmtree(r1, ignore_errors=True)  # a half-finished run starts over
     stage(f"GRPO ({name})", r1 / "final", lambda: train(settings(
         stage="grpo", init=str((base if a.no_coldstart else cold) / "final"), data=str(d / "train.jsonl"),
         out=str(r1), seed=a.seed, loss_type=a.loss_type, no_length_reward=a.reward == "format",
@@ -787,9 +846,9 @@ def shapes_pipeline(argv):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["shapes"]:
-        shapes_pipeline(sys.argv[2:])
+        cli(shapes_pipeline, sys.argv[2:])
     else:
-        main()
+        cli(main)
         if "RANK" in os.environ:
             # Under torchrun, everything is on disk now: leave without the interpreter's teardown. With
             # --fsdp, DTensor's caches keep the gloo process group alive past destroy_process_group, and

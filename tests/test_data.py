@@ -1,5 +1,6 @@
 """Tests for data.py: exact frame picking, preprocessing, prompts, readers, the shapes task."""
 import json
+import re
 from fractions import Fraction
 from collections import Counter
 
@@ -153,9 +154,9 @@ def test_read_nextqa_jsonl(tmp_path):
            "video_filename": "./NextQA/NExTVideo/1/2.mp4", "data_type": "video", "problem_id": 7,
            "problem_type": "multiple choice"}
     f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps(rec) + "\n\n" + json.dumps({**rec, "solution": "<answer> C </answer>"}) + "\n")
+    f.write_text(json.dumps(rec) + "\n\n" + json.dumps({**rec, "solution": "<answer> A </answer>"}) + "\n")
     s = data.read_nextqa_jsonl(f, root="/data")
-    assert [x.answer for x in s] == ["B", "C"]
+    assert [x.answer for x in s] == ["B", "A"]
     assert str(s[0].video) == "/data/NextQA/NExTVideo/1/2.mp4" and s[0].question == rec["problem"]
     f.write_text(json.dumps(rec) + "\n" + json.dumps({k: v for k, v in rec.items() if k != "problem"}))
     with pytest.raises(ValueError, match=r"d.jsonl:2: missing field 'problem'"):
@@ -166,6 +167,55 @@ def test_read_nextqa_jsonl(tmp_path):
     f.write_text("{not json")
     with pytest.raises(ValueError, match=r"d.jsonl:1: not valid JSON"):
         data.read_nextqa_jsonl(f)
+
+
+@pytest.mark.parametrize("solution, why", [
+    ("<answer>C</answer>", "the answer 'C' is not one of the record's option letters AB"),   # not an option
+    ("<answer>AB</answer>", "the answer 'AB' is not one"),
+    ("<answer></answer>", "the answer '' is not one")])
+def test_labels_are_one_of_the_records_own_letters(tmp_path, solution, why):
+    rec = {"problem": "Q?\nOptions:\nA. a.\nB. b.", "solution": solution, "video_filename": "v.mp4"}
+    (tmp_path / "d.jsonl").write_text(json.dumps({**rec, "solution": "<answer>A</answer>"}) + "\n" + json.dumps(rec))
+    with pytest.raises(data.UserError, match=f"d.jsonl:2: {re.escape(why)}"):
+        data.read_nextqa_jsonl(tmp_path / "d.jsonl")
+    seven = {"problem": "Q?\nOptions:\n" + "\n".join(f"{c}. {c.lower()}" for c in "ABCDEFG"),
+             "solution": "<answer>G</answer>", "video_filename": "v.mp4"}
+    (tmp_path / "7.jsonl").write_text(json.dumps(seven))
+    assert data.read_nextqa_jsonl(tmp_path / "7.jsonl")[0].answer == "G"
+    cold = [{"video": "v.mp4", "conversations": [{"from": "human", "value": "<image>\n" + rec["problem"]},
+                                                 {"from": "gpt", "value": f"<think>x</think> {solution}"}]}]
+    (tmp_path / "c.json").write_text(json.dumps(cold))
+    with pytest.raises(data.UserError, match=f"c.json: record 0: {re.escape(why)}"):
+        data.read_llava_json(tmp_path / "c.json")
+
+
+def test_unreadable_data_files_are_named(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"a": 1}\n{"problem": "caf\xe9"}\n')
+    with pytest.raises(data.UserError, match=r"d.jsonl:2: not UTF-8 \(byte 0xe9"):
+        data.read_nextqa_jsonl(f)
+    f.write_text("\n  \n")
+    with pytest.raises(data.UserError, match=r"d.jsonl: the file is empty"):
+        data.read_nextqa_jsonl(f)
+    (tmp_path / "e.json").write_text("[]")
+    with pytest.raises(data.UserError, match=r"e.json: expected a non-empty JSON list"):
+        data.read_llava_json(tmp_path / "e.json")
+    with pytest.raises(data.UserError, match=r"gone.json: no such data file"):
+        data.read_llava_json(tmp_path / "gone.json")
+
+
+def test_an_audio_only_file_is_named(tmp_path):
+    path = tmp_path / "audio.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for p in s.encode(frame):
+            out.mux(p)
+        for p in s.encode(None):
+            out.mux(p)
+    with pytest.raises(ValueError, match="audio.mp4 has no video stream"):
+        data.load_video(path)
 
 
 def test_read_llava_json(tmp_path):

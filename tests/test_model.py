@@ -1,6 +1,7 @@
 """model.py: released layout, connector vs a slow loop, KV-cache decoding, checkpoints, sampler."""
 import copy
 import json
+import os
 import math
 
 import pytest
@@ -262,13 +263,26 @@ def test_save_is_atomic(tiny, tmp_path, monkeypatch):
     path = tmp_path / "c"
     M.save_pretrained(m, path, tok)
     before = (path / "model.safetensors").read_bytes()
-    def crash(*a, **k):
-        raise RuntimeError("disk full")
-    monkeypatch.setattr(M, "save_file", crash)
-    with pytest.raises(RuntimeError):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(M, "save_file", full)
+    with pytest.raises(M.UserError, match=r"cannot write the checkpoint .*/c: \[Errno 28\] No space left on "
+                                          r"device \(\d+\.\d GiB free there\)"):
         M.save_pretrained(m, path, tok)
     assert (path / "model.safetensors").read_bytes() == before   # the old checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]     # no temporary folder left behind
     M.from_pretrained(path)
+
+
+def test_checkpoint_files_take_the_process_umask(tiny, tmp_path):
+    m, tok, _, _ = tiny
+    old = os.umask(0o022)
+    try:
+        M.save_pretrained(m, tmp_path / "c", tok, extra={"train_state.pt": {"step": 1}})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()}
+    assert modes["model.safetensors"] == modes["train_state.pt"] == modes["config.json"] == 0o644, modes
 
 
 # ---- the sampler --------------------------------------------------------------------------

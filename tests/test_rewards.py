@@ -115,3 +115,32 @@ def test_the_records_own_letters_count():
     seven = rewards.reward(ok(T600, "G"), "G", options="ABCDEFG")
     assert seven == rewards.reward(ok(T600, "B"), "B") == (1.75, 1.0, 0.75)
     assert rewards.reward(ok(T600, "G"), "G").total == -0.75   # not among A-E: wrong, with a good format
+
+
+def test_parsers_equal_the_regular_expressions_they_replace():
+    """The paper's rule written as regular expressions (the slow path) against the linear parsers."""
+    import re
+    FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+    rng = random.Random(1)
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "B", " ", "\n", "xy", "<", "/", "think>"]
+    for _ in range(5000):
+        c = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        text = c.strip()
+        by_regex = FORMAT.fullmatch(text) is not None and all(text.count(t) == 1 for t in rewards.TAGS)
+        assert rewards.format_ok(c) == by_regex, c
+        m = re.search(r"<answer>(.*?)</answer>", c, re.DOTALL)
+        assert rewards.inside(c, "<answer>", "</answer>") == (m.group(1) if m else None), c
+        m = re.search(r"<think>(.*?)</think>", c, re.DOTALL)
+        assert rewards.think_length(c) == (len(m.group(1).strip()) if m else 0), c
+
+
+def test_parsers_take_linear_time_on_unclosed_tags():
+    """240 KB of unclosed tags: a lazy regex needs ~90 s here (quadratic), the parsers milliseconds.
+    The bound is 100x the linear time, so only a quadratic parser can miss it."""
+    import time
+    for text in ("<answer>" * 30_000, "<think>" * 30_000 + "</answer>", "<answer>" + "</think>" * 30_000):
+        t0 = time.perf_counter()
+        rewards.reward(text, "B")
+        rewards.reference_reward(text, "B")
+        rewards.parse_answer(text)
+        assert time.perf_counter() - t0 < 2.0

@@ -174,7 +174,7 @@ def test_cold_start_with_rehearsal(setup, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["skipped"] == 0 for r in rows)
     with pytest.raises(ValueError, match="sft.json: 72 records, fewer than the 80"):
         train.main(args + ["--epochs", "5", "--out", str(tmp_path / "too_many")])
-    with pytest.raises(SystemExit):   # argparse: "--rehearse is for the sft stage"
+    with pytest.raises(data.UserError, match="--rehearse is for the sft stage"):
         train.main(args[:1] + ["grpo"] + args[2:] + ["--out", str(tmp_path / "grpo")])
 
 
@@ -183,7 +183,7 @@ def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
     model, tok = M.from_pretrained(init)
     cpu = torch.device("cpu")
     samples = data.read_llava_json(d / "sft.json")[:9:3]  # three clips (sft.json has three records per clip)
-    pixels = [data.VideoLoader(16, model.cfg.image_size, 0.05)(s.video) for s in samples]
+    pixels = [data.VideoLoader(16, model.cfg.image_size)(s.video) for s in samples]
 
     def loss(sample, px):  # no padding, no batching: one forward per sample
         ids, labels = train.sft_tensors(tok, sample, cpu)
@@ -245,11 +245,11 @@ def test_broken_video_is_skipped_and_counted(setup, tmp_path):
                        "--prompts-per-rank", "2", "--max-steps", "4"])
     m = metrics(tmp_path / "r")
     assert len(m) == 4 and m[-1]["skipped_total"] == 1 and sum(r["skipped"] for r in m) == 1
-    cache = data.VideoLoader(16, 48, max_bad_fraction=0.05)
-    for _ in range(19):
-        cache(bad / "broken.mp4")   # tolerated until 20 videos have been seen
-    with pytest.raises(RuntimeError, match="broken.mp4"):
-        cache(bad / "broken.mp4")
+    data.check_bad_videos(1, 1, 0.05)              # one failure is tolerated from the first video on
+    data.check_bad_videos(2, 40, 0.05)             # 5% of 40
+    for bad_seen in ((2, 2), (2, 39), (3, 40)):
+        with pytest.raises(data.UserError, match=f"{bad_seen[0]} of {bad_seen[1]} videos failed"):
+            data.check_bad_videos(*bad_seen, 0.05, ["x.mp4"])
 
 
 def test_videos_kept_in_memory_equal_fresh_decodes(setup, tmp_path, monkeypatch):
@@ -260,9 +260,9 @@ def test_videos_kept_in_memory_equal_fresh_decodes(setup, tmp_path, monkeypatch)
     decodes = []
     load = data.load_video
     monkeypatch.setattr(data, "load_video", lambda *a, **k: decodes.append(a[0]) or load(*a, **k))
-    fresh = data.VideoLoader(16, 32, 0.05)
-    for kept in (data.VideoLoader(16, 32, 0.05, keep_in_memory=True),
-                 data.VideoLoader(16, 32, 0.05, keep_in_memory=True)):  # a later run in the same process
+    fresh = data.VideoLoader(16, 32)
+    for kept in (data.VideoLoader(16, 32, keep_in_memory=True),
+                 data.VideoLoader(16, 32, keep_in_memory=True)):  # a later run in the same process
         for clip in clips:
             assert torch.equal(kept(clip), fresh(clip))
     assert len(decodes) == 3 + 3 + 3   # fresh: twice; kept: once, shared by both loaders
