@@ -3,7 +3,7 @@ Video in, prompts out: everything TinyLLaVA-Video-R1 reads before the model sees
 
 1. load_video       -- the 16 frames of a clip, picked as tinyllava/data/video_preprocess.py picks them
 2. preprocess       -- frames -> SigLIP pixels: bicubic resize to S x S, x / 127.5 - 1
-3. prompts          -- the qwen2_base chat template and the two answer modes (paper s3.3)
+3. prompts          -- the qwen2_base chat template, the two answer modes (paper s3.3), token ids
 4. readers          -- NextQA RL jsonl and LLaVA cold-start json (the released training data)
 5. training feed    -- VideoLoader (failures counted, never substituted), rehearsal_mix
 6. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
@@ -230,6 +230,8 @@ def preprocess(frames, size=384):
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt's token ids (the released config)
+IGNORE_INDEX = -100       # the label of positions that get no loss
 REASON_SUFFIX = ("Output the thinking process in <think> </think> and final answer (option) "
                  "in <answer> </answer> tags.")
 OPTION_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -278,6 +280,32 @@ def chat_turn(question):
     """A later user turn of a multi-turn conversation in the qwen2_base template (TinyLLaVA's
     'USER: {content} ' + 'ASSISTANT:'), written right after the previous answer's <|endoftext|>."""
     return f"USER: {question} ASSISTANT:"
+
+
+def tokenize_prompt(tokenizer, prompt):
+    """Token ids of a prompt with one "<image>": the text before and after is tokenized separately and
+    joined with -200 (the reference's tokenizer_image_token); no BOS. Returns a list[int].
+    Raises ValueError unless the prompt holds exactly one <image>."""
+    parts = prompt.split("<image>")
+    if len(parts) != 2:
+        raise ValueError(f"prompt must hold exactly one <image>, holds {len(parts) - 1}: {prompt[:80]!r}")
+    before, after = (tokenizer(p, add_special_tokens=False).input_ids for p in parts)
+    return before + [IMAGE_TOKEN_INDEX] + after
+
+
+def sft_tensors(tok, sample, device):
+    """ids and labels of one SFT sample: prompt + target + eos, loss on target + eos only (the reference's
+    supervised recipe). A multi-turn sample (sample.history) continues each answer's eos with the next
+    turn's 'USER: ... ASSISTANT:' (chat_turn); every answer and its eos get loss.
+    Returns (ids long (n,), labels long (n,))."""
+    ids, labels = [], []
+    for k, (question, target) in enumerate(list(sample.history) + [(sample.question, sample.target)]):
+        prompt = tokenize_prompt(tok, chat_prompt(question)) if k == 0 else \
+            tok(chat_turn(question), add_special_tokens=False).input_ids
+        answer = tok(target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids += prompt + answer
+        labels += [IGNORE_INDEX] * len(prompt) + answer
+    return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
 
 
 # -----------------------------------------------------------------------------

@@ -382,7 +382,7 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
     def policy(pixels, prompts, keys):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             videos = model.encode_videos([p.to(device) for p in pixels])
-            ids = [torch.tensor(M.tokenize_prompt(tok, p), device=device) for p in prompts]
+            ids = [torch.tensor(data.tokenize_prompt(tok, p), device=device) for p in prompts]
             gens = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + k) for k in keys]
             out, mask = M.sample(model, ids, videos, G=1, max_new_tokens=max_new, temperature=temperature,
                                  top_k=top_k, top_p=top_p, eos_id=tok.eos_token_id, generators=gens)

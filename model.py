@@ -17,6 +17,7 @@ random checkpoint for GPU figures: python tests/bench.py sampler | random-init O
 import json
 import math
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, DynamicCache, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM,
                           SiglipVisionConfig, SiglipVisionModel)
 
-from data import UserError
+from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX, UserError
 
-IMAGE_TOKEN_INDEX = -200  # the id that stands for the video in a prompt (the released config)
-IGNORE_INDEX = -100       # label of positions that get no loss
 
 # -----------------------------------------------------------------------------
 # Config
@@ -89,6 +88,12 @@ def tiny_config(vocab_size):
                   num_attention_heads=2, patch_size=8, image_size=32)
     return Config(text_config=text, vision_config=vision, group=16, num_queries=64,
                   num_resampler_layers=2, resampler_heads=4, resampler_dim_head=32, latents_init_std=0.02)
+
+
+def new_tiny(tokenizer, seed):
+    """A new tiny model for `tokenizer`, initialised from `seed`: the same weights for the same two."""
+    torch.manual_seed(seed)
+    return TinyLlavaVideo(tiny_config(len(tokenizer)))
 
 
 # -----------------------------------------------------------------------------
@@ -320,17 +325,6 @@ class TinyLlavaVideo(nn.Module):
 # -----------------------------------------------------------------------------
 # Tokenizer helpers
 
-def tokenize_prompt(tokenizer, prompt):
-    """Token ids of a prompt with one "<image>": the text before and after is tokenized separately and
-    joined with -200 (the reference's tokenizer_image_token); no BOS. Returns a list[int].
-    Raises ValueError unless the prompt holds exactly one <image>."""
-    parts = prompt.split("<image>")
-    if len(parts) != 2:
-        raise ValueError(f"prompt must hold exactly one <image>, holds {len(parts) - 1}: {prompt[:80]!r}")
-    before, after = (tokenizer(p, add_special_tokens=False).input_ids for p in parts)
-    return before + [IMAGE_TOKEN_INDEX] + after
-
-
 def build_tokenizer(texts, out_dir, vocab_size=1024):
     """Train the tiny preset's tokenizer: byte-level BPE (as Qwen's), `<|endoftext|>` = eos = pad,
     and the four reasoning tags as single tokens, saved to `out_dir` so that
@@ -512,6 +506,34 @@ def _write_folder(tmp, model, tokenizer, dtype, max_shard_bytes, state, extra):
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
+
+
+def claim_run_folder(out, start, resume, overwrite):
+    """A run folder belongs to one run. A new run refuses a folder that holds anything (--overwrite
+    empties it first); a resumed run keeps metrics.jsonl's rows up to the checkpoint's step (the steps
+    after it run again). Temporary folders of saves that were killed midway are removed.
+    Raises UserError naming the folder and the ways out."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_saves(out)
+    metrics = out / "metrics.jsonl"
+    if resume:
+        if metrics.exists():
+            rows = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= start]
+            metrics.write_text("".join(r + "\n" for r in rows))
+    elif any(out.iterdir()) and not overwrite:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise UserError(f"{out} already holds a run ({held}): continue it with --resume "
+                             f"{out}/<checkpoint>, or choose another --out (--overwrite replaces it)")
+    elif overwrite:
+        shutil.rmtree(out)
+        out.mkdir()
+
+
+def remove_stale_saves(folder):
+    """Remove the temporary folders (<name>.tmp<pid>, <name>.old) of saves killed midway."""
+    for stale in Path(folder).iterdir():
+        if stale.is_dir() and re.search(r"\.(tmp\d+|old)$", stale.name):
+            shutil.rmtree(stale)
 
 
 def replace_dir(tmp, path):

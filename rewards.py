@@ -14,6 +14,7 @@ Departures from the reference code (ZhangXJ199/TinyLLaVA-Video-R1's reward funct
 
 Try: python rewards.py   (prints the reward of a few completions)
 """
+import functools
 from typing import NamedTuple
 
 R0, R1, ML = 0.5, 0.5, 1200  # paper s3.4: base format reward, length reward weight, length cap (chars)
@@ -142,6 +143,14 @@ def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1, options=None):
     FR = format_reward(completion, ml, r0, r1)
     r = AR + (2 * AR - 1) * FR
     return Reward(-2.0 if r == 0 else r, AR, FR)
+
+
+def setting(reference=False, length_reward=True, wrong_penalty=True, ml=ML):
+    """The reward of one of train.py's settings (eq. 4, Figure 5's two others, or the reference code's),
+    as f(completion, label, options=letters) -> Reward."""
+    if reference:
+        return functools.partial(reference_reward, ml=ml)
+    return functools.partial(reward, length_reward=length_reward, wrong_penalty=wrong_penalty, ml=ml)
 
 
 # -----------------------------------------------------------------------------

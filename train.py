@@ -22,17 +22,14 @@ Departures from the reference code:
 1. Reward: eq. (4) as the paper writes it (--reference-reward for the code's formula).
 2. A sample whose video cannot be decoded is skipped (its group gets zero weight) and counted; the
    reference substitutes another video.
-3. fp32 master weights with bf16 autocast (the reference trains bf16 weights, which cannot hold
-   lr-1e-6 updates).
+3. fp32 master weights with bf16 autocast (the reference's bf16 weights cannot hold lr-1e-6 updates).
 """
 import argparse
 import copy
-import functools
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -127,7 +124,7 @@ def check(args):
         raise data.UserError("--rehearse is for the sft stage (a cold start)")
     if args.train_vision and args.stage != "sft":
         raise data.UserError("--train-vision is for the sft stage: GRPO shares one tower pass among policy, "
-                         "old policy and reference model, which needs a frozen tower")
+                             "old policy and reference model, which needs a frozen tower")
     missing = [k for k in ("init", "data", "out") if getattr(args, k) is None]
     if missing:
         raise data.UserError(f"missing settings: {missing}")
@@ -167,10 +164,6 @@ def dist_init():
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def master_process():  # rank 0 writes the logs and checkpoints
@@ -303,10 +296,12 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
     gets a zero-weight group on a blank video, one eos per row: the same passes, no gradient, so ranks
     stay in step."""
     chats = [data.chat_prompt(data.build_question(s.question, "reason")) for s in samples]
-    prompts = [torch.tensor(M.tokenize_prompt(tok, c), device=device) for c in chats]
+    prompts = [torch.tensor(data.tokenize_prompt(tok, c), device=device) for c in chats]
     S, eos = model.cfg.image_size, tok.eos_token_id
     blank = torch.zeros(args.num_frames, 3, S, S)
     live = [i for i, px in enumerate(pixels) if px is not None]
+    reward_of = rewards.setting(args.reference_reward, not args.no_length_reward, not args.no_wrong_penalty,
+                                args.ml)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, eos_id=eos)
     with torch.no_grad(), autocast(device), M.Gathered(model):
@@ -334,7 +329,7 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
         ids, mask = drawn[i]
         letters = data.option_letters(sample.question)
         texts = M.decode_completions(tok, ids, mask)
-        r, acc, fmt = score(texts, sample.answer, letters, reward_fn(args))             # 2. rewards
+        r, acc, fmt = score(texts, sample.answer, letters, reward_of)                  # 2. rewards
         bonus = torch.zeros(args.G)
         if i in shuffled:
             bonus = temporal_bonus(tok, shuffled[i], acc, sample.answer, letters, args.tgrpo_alpha,
@@ -355,14 +350,6 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
     return groups
 
 
-def reward_fn(args):
-    """The reward under the chosen setting: f(completion, label, options=letters) -> rewards.Reward."""
-    if args.reference_reward:
-        return functools.partial(rewards.reference_reward, ml=args.ml)
-    return functools.partial(rewards.reward, length_reward=not args.no_length_reward,
-                             wrong_penalty=not args.no_wrong_penalty, ml=args.ml)
-
-
 def grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update):
     """One GRPO step on this rank's prompts: make_groups (rollouts, rewards, advantages, reference
     log-probs), then the backward passes of eq. (1); with --num-iterations k, k updates on the same
@@ -377,7 +364,7 @@ def grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update
     # eq. (1)'s mean over the scored sequences of all ranks (a skipped prompt's group has weight 0); the
     # ranks' gradients are then averaged, hence the / world
     scored = all_sum([sum(g["weight"] for g in groups)], device)[0]
-    n_sequences = max(scored, 1) * args.G / world_size()
+    n_sequences = max(scored, 1) * args.G / (dist.get_world_size() if dist.is_initialized() else 1)
     stats = []
     for it in range(args.num_iterations):
         for g in groups:
@@ -416,40 +403,25 @@ def grpo_log_row(metrics, stats, sec_rollout, tgrpo, device):
 # -----------------------------------------------------------------------------
 # One SFT step (the cold start, and the tiny model's base stage)
 
-def sft_tensors(tok, sample, device):
-    """ids and labels of one SFT sample: prompt + target + eos, loss on target + eos only (the reference's
-    supervised recipe). A multi-turn sample (sample.history) continues each answer's eos with the next
-    turn's 'USER: ... ASSISTANT:' (data.chat_turn); every answer and its eos get loss.
-    Returns (ids long (n,), labels long (n,))."""
-    ids, labels = [], []
-    for k, (question, target) in enumerate(list(sample.history) + [(sample.question, sample.target)]):
-        prompt = M.tokenize_prompt(tok, data.chat_prompt(question)) if k == 0 else \
-            tok(data.chat_turn(question), add_special_tokens=False).input_ids
-        answer = tok(target, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids += prompt + answer
-        labels += [M.IGNORE_INDEX] * len(prompt) + answer
-    return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
-
-
 def sft_losses(model, tok, samples, pixels, device):
     """Summed cross-entropy of each sample's answer tokens, in one right-padded forward, each row with
     its own video.
     Args: samples: B data.Sample with targets; pixels: B float (T, 3, S, S) in [-1, 1], or None for a
         video that failed (a blank frame stands in; the caller gives it weight 0).
     Returns: (ce float32 (B,) in nats, summed over each row's answer tokens; answer tokens long (B,))."""
-    rows = [sft_tensors(tok, s, device) for s in samples]
+    rows = [data.sft_tensors(tok, s, device) for s in samples]
     S = model.cfg.image_size
     pixels = [torch.zeros(1, 3, S, S) if p is None else p for p in pixels]
     n = max(len(ids) for ids, _ in rows)
     ids = torch.stack([F.pad(i, (0, n - len(i))) for i, _ in rows])                         # (B, n)
-    labels = torch.stack([F.pad(l, (0, n - len(l)), value=M.IGNORE_INDEX) for _, l in rows])  # (B, n)
+    labels = torch.stack([F.pad(l, (0, n - len(l)), value=data.IGNORE_INDEX) for _, l in rows])  # (B, n)
     mask = torch.stack([(torch.arange(n, device=device) < len(i)).long() for i, _ in rows])
     with autocast(device):
         videos = model.encode_videos([p.to(device) for p in pixels])                        # (B, Q, D)
         logits, labels = model(ids, mask, videos, labels)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                         ignore_index=M.IGNORE_INDEX, reduction="none").view(len(rows), -1)   # (B, n' - 1)
-    return ce.sum(1), (labels[:, 1:] != M.IGNORE_INDEX).sum(1)
+                         ignore_index=data.IGNORE_INDEX, reduction="none").view(len(rows), -1)   # (B, n' - 1)
+    return ce.sum(1), (labels[:, 1:] != data.IGNORE_INDEX).sum(1)
 
 
 def sft_backward(model, tok, samples, pixels, device, world):
@@ -513,35 +485,6 @@ def save_checkpoint(path, model, tok, optimizer, step, args):
 # -----------------------------------------------------------------------------
 # Setting up a run: model, reference model, optimizer, data
 
-def claim_run_folder(out, start, resume, overwrite):
-    """A run folder belongs to one run. A new run refuses a folder that holds anything (--overwrite
-    empties it first); a resumed run keeps metrics.jsonl's rows up to the checkpoint's step (the steps
-    after it run again). Temporary folders of saves that were killed midway are removed.
-    Raises UserError naming the folder and the ways out."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():
-        if re.search(r"\.(tmp\d+|old)$", stale.name) and stale.is_dir():
-            shutil.rmtree(stale)
-    metrics = out / "metrics.jsonl"
-    if resume:
-        if metrics.exists():
-            rows = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= start]
-            metrics.write_text("".join(r + "\n" for r in rows))
-    elif any(out.iterdir()) and not overwrite:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise data.UserError(f"{out} already holds a run ({held}): continue it with --resume "
-                             f"{out}/<checkpoint>, or choose another --out (--overwrite replaces it)")
-    elif overwrite:
-        shutil.rmtree(out)
-        out.mkdir()
-
-
-def new_tiny_model(tok, seed, device):
-    """The tiny preset, initialised from `seed` (the same weights for the same seed and tokenizer)."""
-    torch.manual_seed(seed)
-    return M.TinyLlavaVideo(M.tiny_config(len(tok))).to(device)
-
-
 def build_model(init, data_file, out, seed, device):
     """Returns (model, tokenizer). init 'tiny' builds a new tiny model whose tokenizer is trained on the
     texts of the data file's folder (data.tokenizer_texts; the shapes task), written to out/tokenizer."""
@@ -553,7 +496,7 @@ def build_model(init, data_file, out, seed, device):
         M.build_tokenizer(data.tokenizer_texts(Path(data_file).parent), tok_dir)
     barrier()
     tok = M.AutoTokenizer.from_pretrained(tok_dir)
-    return new_tiny_model(tok, seed, device), tok
+    return M.new_tiny(tok, seed).to(device), tok
 
 
 def load_models(args, out, device):
@@ -570,7 +513,7 @@ def load_models(args, out, device):
         if not args.resume:
             ref_model = copy.deepcopy(model)
         elif args.init == "tiny":
-            ref_model = new_tiny_model(tok, args.seed, device)
+            ref_model = M.new_tiny(tok, args.seed).to(device)
         else:
             ref_model = M.from_pretrained(args.init, device=device)[0]
         ref_model = ref_model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -606,7 +549,7 @@ def train(args):
     state = torch.load(Path(args.resume) / "train_state.pt", weights_only=False) if args.resume else None
     start = state["step"] if state else 0
     if master_process():
-        claim_run_folder(out, start, args.resume, args.overwrite)
+        M.claim_run_folder(out, start, args.resume, args.overwrite)
     barrier()
     log = (lambda *a: None) if args.quiet else print0
 
@@ -689,28 +632,24 @@ def log_step(path, row, total, eta, wandb_project, log, show_sample):
         if wandb_project:
             import wandb
             wandb.log(row, step=row["step"])
-    log(format_row(row, total, eta))
+    r, parts = row, [f"step {row['step']:5d}/{total}"]
+    if "reward" in r:  # GRPO
+        parts += [f"reward {r['reward']:+.3f} ± {r['reward_std']:.3f}", f"acc {r['rewards/accuracy']:.3f}",
+                  f"format {r['rewards/format']:.3f} (well-formed {r['well_formed']:.2f}, "
+                  f"think {r['think_length']:.0f} ch)", f"len {r['completion_length']:6.1f}",
+                  f"kl {r['kl']:.4f}", f"clip {r['clip_ratio']:.3f}"]
+    else:  # SFT
+        parts += [f"loss {r['loss']:.4f}", f"tokens {r['tokens']}"]
+    optional = {"rewards/temporal": "temporal {:.3f}", "video_gain": "video gain {:.3f}"}
+    parts += [form.format(r[k]) for k, form in optional.items() if k in r]
+    rollout = f" (rollout {r['sec_rollout']:.2f} s)" if "sec_rollout" in r else ""
+    parts += [f"lr {r['lr']:.2e}", f"{r['sec']:.2f} s/step{rollout}", f"eta {eta / 60:.1f} min"]
+    optional = {"skipped_total": "skipped {}", "peak_gib": "peak {:.1f} GiB"}
+    parts += [form.format(r[k]) for k, form in optional.items() if r.get(k)]
+    log(" | ".join(parts))
     if show_sample and row.get("sample"):
         text, reward, label = row["sample"]
         log(f"  sample (reward {reward:+.2f}, label {label}): {text[:300]!r}")
-
-
-def format_row(row, total, eta):
-    """The step's log line."""
-    if "reward" in row:
-        temporal = f"| temporal {row['rewards/temporal']:.3f} " if "rewards/temporal" in row else ""
-        body = (f"reward {row['reward']:+.3f} ± {row['reward_std']:.3f} | acc {row['rewards/accuracy']:.3f} "
-                f"| format {row['rewards/format']:.3f} (well-formed {row['well_formed']:.2f}, "
-                f"think {row['think_length']:.0f} ch) {temporal}| len {row['completion_length']:6.1f} "
-                f"| kl {row['kl']:.4f} | clip {row['clip_ratio']:.3f}")
-    else:
-        body = f"loss {row['loss']:.4f} | tokens {row['tokens']}"
-        body += f" | video gain {row['video_gain']:.3f}" if "video_gain" in row else ""
-    skipped = f" | skipped {row['skipped_total']}" if row.get("skipped_total") else ""
-    rollout = f" (rollout {row['sec_rollout']:.2f} s)" if "sec_rollout" in row else ""
-    peak = f" | peak {row['peak_gib']:.1f} GiB" if "peak_gib" in row else ""
-    return (f"step {row['step']:5d}/{total} | {body} | lr {row['lr']:.2e} | {row['sec']:.2f} s/step{rollout} "
-            f"| eta {eta / 60:.1f} min{skipped}{peak}")
 
 
 def main(argv=None):
@@ -758,7 +697,7 @@ SMOKE = dict(  # a few steps of each stage: the CI's test of the pipeline
 
 
 def shapes_args(argv):
-    p = argparse.ArgumentParser(prog="train.py shapes", description=shapes_pipeline.__doc__)
+    p = Parser(prog="train.py shapes", description="the whole pipeline on the shapes task (shapes_pipeline)")
     p.add_argument("--out", default="runs/shapes", help="the run's folder: data, checkpoints, results")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation, sampling")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (the CI test)")
@@ -779,8 +718,8 @@ def shapes_pipeline(argv):
     the cold start and R1 (Reason) on the held-out split, printed in the layout of the paper's Table 1,
     with R1 against the cold start and the base on the same clips (McNemar's test); Figure 4's curves as
     CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only GRPO
-    and its evaluation. Returns {"results", "comparisons", "times", "curves"}.
-    Raises ValueError when the data folder in --out lacks a part's records (an older data.py wrote it)."""
+    and its evaluation. Returns {"results", "comparisons", "times", "curves"}. Raises UserError under
+    torchrun with several ranks, or when --out's data folder lacks a part's records."""
     import evaluate
     a = shapes_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -802,7 +741,7 @@ def shapes_pipeline(argv):
     stage("data", d / "test.jsonl", lambda: data.generate_shapes(d, S["n_train"], S["n_test"], a.seed))
     missing = [f for f in ("sft-direction.json", "sft-direction-all.json") if not (d / f).exists()]
     if missing:
-        raise ValueError(f"{d} has no {', '.join(missing)} (an older data.py wrote it): use another --out")
+        raise data.UserError(f"{d} lacks {', '.join(missing)} (an older data.py wrote it): use another --out")
     sft = lambda init, data_file, run, **kw: lambda: train(settings(
         stage="sft", init=str(init), data=str(d / data_file), out=str(run), seed=a.seed, **kw))
     stage("base SFT", out / "base/final", sft("tiny", "sft.json", out / "base", **S["base"]))

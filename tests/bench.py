@@ -70,7 +70,7 @@ def bench_sampler(G=8, new_tokens=128, prompt_len=64):
     lm = model.language_model
     pixels = torch.randn(16, 3, cfg.image_size, cfg.image_size)
     prompt = torch.randint(1, 4096, (prompt_len,))
-    prompt[10] = M.IMAGE_TOKEN_INDEX
+    prompt[10] = data.IMAGE_TOKEN_INDEX
     never = dict(eos_token_id=None, pad_token_id=0)  # no early stop: all three make the same work
     with torch.no_grad():
         def reference_way():
@@ -106,7 +106,7 @@ def bench_prompts(B=8, G=8, new_tokens=64):
     model = M.TinyLlavaVideo(M.tiny_config(600)).eval()
     prompts = [torch.randint(1, 600, (40 + 3 * b,)) for b in range(B)]
     for p in prompts:
-        p[5] = M.IMAGE_TOKEN_INDEX
+        p[5] = data.IMAGE_TOKEN_INDEX
     videos = torch.stack([model.encode_video(torch.randn(16, 3, 32, 32)) for _ in range(B)])
     seeds = lambda: [torch.Generator().manual_seed(b) for b in range(B)]
     one_by_one = lambda: torch.cat([M.sample(model, [p], v[None], G, new_tokens, eos_id=-1, generators=[g])[0]

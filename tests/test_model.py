@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import data
 import model as M
 
 
@@ -141,7 +142,7 @@ def tiny(tmp_path_factory):
              "A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT:"] * 20
     tok = M.build_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=300)
     m = M.TinyLlavaVideo(M.tiny_config(len(tok))).eval()
-    prompt = torch.tensor(M.tokenize_prompt(tok, "USER: <image>\nthe red circle ASSISTANT:"))
+    prompt = torch.tensor(data.tokenize_prompt(tok, "USER: <image>\nthe red circle ASSISTANT:"))
     pixels = torch.randn(16, 3, 32, 32)
     return m, tok, prompt, pixels
 
@@ -149,10 +150,10 @@ def tiny(tmp_path_factory):
 def test_tokenizer_and_prompt_ids(tiny):
     m, tok, prompt, _ = tiny
     assert tok.eos_token == tok.pad_token == "<|endoftext|>" and tok.eos_token_id == m.cfg.text_config["eos_token_id"]
-    assert (prompt == M.IMAGE_TOKEN_INDEX).sum() == 1 and prompt[0] != tok.bos_token_id or tok.bos_token_id is None
+    assert (prompt == data.IMAGE_TOKEN_INDEX).sum() == 1 and prompt[0] != tok.bos_token_id or tok.bos_token_id is None
     assert tok.decode(tok("<think>x</think>", add_special_tokens=False).input_ids) == "<think>x</think>"
     with pytest.raises(ValueError, match="exactly one <image>"):
-        M.tokenize_prompt(tok, "no video here")
+        data.tokenize_prompt(tok, "no video here")
 
 
 def greedy_slow(m, prompt, video, steps):
@@ -200,14 +201,14 @@ def test_batch_sharing_one_video_and_splice_labels(tiny):
     ids = torch.cat([ids, torch.tensor([[5, 6], [7, 0]])], 1)
     mask = torch.ones_like(ids)
     mask[1, -1] = 0                                          # right padding in row 1
-    labels = torch.full_like(ids, M.IGNORE_INDEX)
+    labels = torch.full_like(ids, data.IGNORE_INDEX)
     labels[:, -2:] = torch.tensor([[5, 6], [7, 0]])
     embeds, new_mask, new_labels = m.splice(ids, mask, video[None], labels)
     Q = video.shape[0]
     assert embeds.shape[:2] == (2, len(prompt) + 2 + Q - 1)
     assert new_mask[0].all() and new_mask[1].sum() == len(prompt) + 1 + Q - 1
-    assert new_labels[0, -2:].tolist() == [5, 6] and new_labels[1, -2:].tolist() == [7, M.IGNORE_INDEX]
-    k = int((prompt == M.IMAGE_TOKEN_INDEX).nonzero())
+    assert new_labels[0, -2:].tolist() == [5, 6] and new_labels[1, -2:].tolist() == [7, data.IGNORE_INDEX]
+    k = int((prompt == data.IMAGE_TOKEN_INDEX).nonzero())
     torch.testing.assert_close(embeds[1, k:k + Q], video)
     with pytest.raises(ValueError, match="image tokens"):
         m.splice(torch.tensor([[1, 2, 3]]), torch.ones(1, 3), video[None])
@@ -312,8 +313,8 @@ def test_a_batch_of_prompts_samples_what_each_prompt_would_alone(tiny, sharp):
     # the batched rows equal three separate calls, sampled and greedy.
     _, tok, prompt, pixels = tiny
     m = sharp
-    prompts = [prompt, torch.tensor(M.tokenize_prompt(tok, "USER: <image>\nthe ASSISTANT: so the answer is")),
-               torch.tensor(M.tokenize_prompt(tok, "<image>"))]
+    prompts = [prompt, torch.tensor(data.tokenize_prompt(tok, "USER: <image>\nthe ASSISTANT: so the answer is")),
+               torch.tensor(data.tokenize_prompt(tok, "<image>"))]
     assert len({len(p) for p in prompts}) == 3
     videos = torch.stack([m.encode_video(pixels), m.encode_video(-pixels), m.encode_video(pixels.flip(0))]).detach()
     seeds = lambda: [torch.Generator().manual_seed(s) for s in (3, 4, 5)]

@@ -51,7 +51,7 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
     for records in ("sft-direction.json", "sft-direction-all.json"):  # a folder that an older data.py wrote
         (out / "data" / records).rename(out / "data/away.json")
-        with pytest.raises(ValueError, match=f"has no {records}"):
+        with pytest.raises(ValueError, match=f"lacks {records}"):
             train.shapes_pipeline(["--out", str(out), "--smoke"])
         (out / "data/away.json").rename(out / "data" / records)
     assert [len(r["conversations"]) for r in json.loads((out / "data/sft.json").read_text())] == [2, 4, 2] * 20

@@ -128,8 +128,8 @@ def test_sft_labels_cover_answer_and_eos_only(setup):
     d, init = setup
     _, tok = M.from_pretrained(init)
     s = data.Sample(video=Path("x.mp4"), question="Q?", answer="B", target="<think>a</think> <answer>B</answer>")
-    ids, labels = train.sft_tensors(tok, s, torch.device("cpu"))
-    prompt = M.tokenize_prompt(tok, data.chat_prompt("Q?"))
+    ids, labels = data.sft_tensors(tok, s, torch.device("cpu"))
+    prompt = data.tokenize_prompt(tok, data.chat_prompt("Q?"))
     answer = tok("<think>a</think> <answer>B</answer>", add_special_tokens=False).input_ids
     assert ids.tolist() == prompt + answer + [tok.eos_token_id]
     assert labels.tolist() == [-100] * len(prompt) + answer + [tok.eos_token_id]
@@ -140,9 +140,9 @@ def test_sft_multi_turn_continues_after_each_eos_and_labels_every_answer(setup):
     _, tok = M.from_pretrained(init)
     s = data.Sample(video=Path("x.mp4"), question="Q?", answer="B", target="<answer>B</answer>",
                     history=(("Describe.", "A red dot."),))
-    ids, labels = train.sft_tensors(tok, s, torch.device("cpu"))
+    ids, labels = data.sft_tensors(tok, s, torch.device("cpu"))
     enc = lambda text: tok(text, add_special_tokens=False).input_ids
-    first, eos = M.tokenize_prompt(tok, data.chat_prompt("Describe.")), [tok.eos_token_id]
+    first, eos = data.tokenize_prompt(tok, data.chat_prompt("Describe.")), [tok.eos_token_id]
     assert ids.tolist() == first + enc("A red dot.") + eos + enc("USER: Q? ASSISTANT:") + enc("<answer>B</answer>") + eos
     ignored = lambda part: [-100] * len(part)
     assert labels.tolist() == (ignored(first) + enc("A red dot.") + eos + ignored(enc("USER: Q? ASSISTANT:"))
@@ -186,7 +186,7 @@ def test_video_gain_against_one_sample_at_a_time(setup, tmp_path):
     pixels = [data.VideoLoader(16, model.cfg.image_size)(s.video) for s in samples]
 
     def loss(sample, px):  # no padding, no batching: one forward per sample
-        ids, labels = train.sft_tensors(tok, sample, cpu)
+        ids, labels = data.sft_tensors(tok, sample, cpu)
         with torch.no_grad():
             logits, labels = model(ids[None], torch.ones_like(ids)[None], model.encode_video(px)[None], labels[None])
         ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
