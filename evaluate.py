@@ -38,7 +38,7 @@ import torch.distributed as dist
 import data
 import model as M
 import rewards
-from train import cli, dist_init, print0
+from train import Parser, cli, dist_init, print0
 
 
 @dataclass
@@ -391,7 +391,7 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--bench", choices=sorted(LOADERS), required=True, help="which benchmark's loader")
     p.add_argument("--data-root", required=True, help="the benchmark's local folder (jsonl: the file)")

@@ -771,11 +771,13 @@ def shapes_pipeline(argv):
     for label, ckpt, mode in (("TinyLLaVA-Video-SFT (base)", base, "option"),
                               ("TinyLLaVA-Video-ColdStart", cold, "reason"),
                               (f"TinyLLaVA-Video-R1 ({name})", r1, "reason")):
-        res = out / "eval" / f"{ckpt.name}-{mode}.json"
+        ev = evaluate.settings(model=str(ckpt / "final"), bench="jsonl", data_root=str(d / "test.jsonl"),
+                               out="", mode=mode, name=label, reason_sep="space",
+                               max_new_tokens=S["eval_tokens"][mode])
+        res = out / "eval" / f"{ckpt.name}-{mode}-{evaluate.cache_key(ev)}.json"  # new checkpoint, new key
+        ev.out = str(res)
         res.parent.mkdir(parents=True, exist_ok=True)
-        stage(f"eval {ckpt.name} ({mode})", res, lambda: evaluate.run(evaluate.settings(
-            model=str(ckpt / "final"), bench="jsonl", data_root=str(d / "test.jsonl"), mode=mode,
-            out=str(res), name=label, reason_sep="space", max_new_tokens=S["eval_tokens"][mode])))
+        stage(f"eval {ckpt.name} ({mode})", res, lambda: evaluate.run(ev))
         results.append(json.loads(res.read_text()))
     comparisons = evaluate.shapes_report(results, d / "test.jsonl")
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "
