@@ -110,13 +110,25 @@ def test_sigterm_to_one_rank_saves_on_every_rank(setup, tmp_path):
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    workers = children(proc.pid)
     os.kill(max(workers), signal.SIGTERM)        # one worker alone: the ranks agree to stop at the same step
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
     (saved,) = sorted(out.glob("step-*"))
     assert torch.load(saved / "train_state.pt", weights_only=False)["step"] == len(metrics(out))
+
+
+def children(pid):
+    """The pids whose parent is `pid` (from /proc: torchrun's workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_sft_with_the_video_gain_under_fsdp_equals_one_process(setup, tmp_path):
