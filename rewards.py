@@ -11,6 +11,9 @@ Departures from the reference code (ZhangXJ199/TinyLLaVA-Video-R1's reward funct
 2. An answer counts when the text in <answer></answer> is the letter, or the letter followed by a
    non-letter ("B", "B. sheep", "B)"). The reference's `startswith` also accepts "Because" for B.
 3. No math-equivalence check (the answers here are letters).
+4. Newlines: the format rule and the answer tag of eq. (3)-(4) match across newlines (the reference's
+   format check uses DOTALL too); `reference_reward` reads the answer tag as the reference's accuracy
+   check does, on one line only.
 
 Try: python rewards.py   (prints the reward of a few completions)
 """
@@ -33,6 +36,22 @@ def inside(text, open_tag, close_tag):
         return None
     end = text.find(close_tag, start + len(open_tag))
     return None if end < 0 else text[start + len(open_tag):end]
+
+
+def answer_on_one_line(text):
+    """What re.search(r"<answer>(.*?)</answer>", text) finds without DOTALL (the reference code's answer
+    tag: no newline inside), or None; in linear time."""
+    start, end = text.find("<answer>"), -1
+    while start >= 0:
+        if end < start + len("<answer>"):
+            end = text.find("</answer>", start + len("<answer>"))
+            if end < 0:
+                return None
+        newline = text.find("\n", start + len("<answer>"), end)
+        if newline < 0:
+            return text[start + len("<answer>"):end]
+        start = text.find("<answer>", newline)
+    return None
 
 
 def format_ok(completion):
@@ -132,12 +151,13 @@ def reward(completion, answer, length_reward=True, wrong_penalty=True, ml=ML, r0
 def reference_reward(completion, answer, ml=ML, r0=R0, r1=R1, options=None):
     """The reference code's total reward, kept for comparison (the reward functions of the
     ZhangXJ199/TinyLLaVA-Video-R1 repository): R = AR + (2 AR - 1) FR, with exactly 0 mapped to -2.0.
-    AR there: the stripped text in <answer></answer> (or the whole completion when there is no tag)
-    equals the label or starts with it. Differs from eq. (4) for a correct answer in a broken
+    AR there: the stripped text in the first <answer></answer> that opens and closes on one line (its
+    re.search has no DOTALL), or the whole completion when there is none, equals the label or starts
+    with it (tinyllava/train/train.py's accuracy_reward, without its math_verify check). Differs from eq. (4) for a correct answer in a broken
     format (+1.0, not -2.0) and for "Because"-style answers. `options` is unused (the reference
     compares with the label only); it is here so both rewards are called alike.
     Returns: Reward(total, accuracy=AR, format=FR)."""
-    tagged = inside(completion, "<answer>", "</answer>")
+    tagged = answer_on_one_line(completion)
     text = (completion if tagged is None else tagged).strip()
     AR = 1.0 if text == answer or text.startswith(answer) else 0.0
     FR = format_reward(completion, ml, r0, r1)

@@ -80,6 +80,9 @@ def test_reference_code_option():
     assert ref(ok(T600, "B"), "B") == pytest.approx(1.75)
     assert ref(ok(T600, "C"), "B") == pytest.approx(-0.75)   # 0 + (0-1)*0.75
     assert ref(ok("", "Because"), "B") == pytest.approx(1.5)  # startswith: the word counts there
+    # a tag across a newline is no tag there: the whole text is the answer, wrong; FR = .5 + 1/1200 * .5
+    assert ref("<think>x</think> <answer>\nB</answer>", "B") == pytest.approx(-(0.5 + 0.5 / 1200))
+    assert rewards.reward("<think>x</think> <answer>\nB</answer>", "B").accuracy == 1.0  # eq. (4) reads it
 
 
 def test_parse_answer():
@@ -130,6 +133,8 @@ def test_parsers_equal_the_regular_expressions_they_replace():
         assert rewards.format_ok(c) == by_regex, c
         m = re.search(r"<answer>(.*?)</answer>", c, re.DOTALL)
         assert rewards.inside(c, "<answer>", "</answer>") == (m.group(1) if m else None), c
+        m = re.search(r"<answer>(.*?)</answer>", c)        # the reference's: no DOTALL
+        assert rewards.answer_on_one_line(c) == (m.group(1) if m else None), c
         m = re.search(r"<think>(.*?)</think>", c, re.DOTALL)
         assert rewards.think_length(c) == (len(m.group(1).strip()) if m else 0), c
 
@@ -138,7 +143,7 @@ def test_parsers_take_linear_time_on_unclosed_tags():
     """240 KB of unclosed tags: a lazy regex needs ~90 s here (quadratic), the parsers milliseconds.
     The bound is 100x the linear time, so only a quadratic parser can miss it."""
     import time
-    for text in ("<answer>" * 30_000, "<think>" * 30_000 + "</answer>", "<answer>" + "</think>" * 30_000):
+    for text in ("<answer>" * 30_000, "<think>" * 30_000 + "</answer>", "<answer>\n" * 30_000 + "</answer>"):
         t0 = time.perf_counter()
         rewards.reward(text, "B")
         rewards.reference_reward(text, "B")
