@@ -6,9 +6,7 @@ Train TinyLLaVA-Video-R1 (paper s4.1): cold-start SFT, then GRPO with the rule r
     torchrun --nproc_per_node 8 train.py --stage grpo ...          # the paper's 8 GPUs, 1 prompt each
     python train.py shapes                 # the whole pipeline on the synthetic shapes task, CPU, minutes
 
-Read top to bottom: the flags, the distributed helpers, one GRPO step (rollouts, rewards, advantages,
-reference log-probs, loss and backward, in call order), one SFT step, checkpoints, the main loop, and
-the shapes pipeline. A GRPO step runs each prompt's frozen vision tower once, samples G = 8 completions
+Read top to bottom. A GRPO step runs each prompt's frozen vision tower once, samples G = 8 completions
 with the unwrapped model, scores them (rewards.py), turns rewards into group advantages (grpo.py, eq. 2)
 and back-propagates the loss of eq. (1) in micro-batches; then the ranks average gradients and AdamW steps.
 
@@ -108,6 +106,7 @@ def parser():
     g = p.add_argument_group("logs and checkpoints")
     g.add_argument("--sample-every", type=int, default=10, help="print one completion every N steps")
     g.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps")
+    g.add_argument("--keep-last", type=int, default=2, help="resumable step-* checkpoints kept (0: all)")
     g.add_argument("--video-gain-every", type=int, default=25,
                    help="sft: every N steps log video_gain (is the model reading the video? 0 = never)")
     g.add_argument("--max-bad-fraction", type=float, default=0.05, help="stop when more videos fail")
@@ -162,12 +161,8 @@ def dist_init():
     return rank, world, torch.device("cpu")
 
 
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def master_process():  # rank 0 writes the logs and checkpoints
-    return rank() == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def print0(*args):
@@ -472,12 +467,17 @@ def sft_step(model, tok, samples, pixels, device, world, with_video_gain):
 # Checkpoints
 
 def save_checkpoint(path, model, tok, optimizer, step, args):
-    """model.py's layout (fp32 weights) + train_state.pt (optimizer, step, args), atomically. Every
-    rank must call it (FSDP gathers); rank 0 writes."""
+    """model.py's layout (fp32 weights) + train_state.pt (optimizer, step, args), atomically; only the
+    --keep-last newest step-* folders stay. The final one is also exported as final-bf16/, the released
+    layout without optimizer state. Every rank must call it (FSDP gathers); rank 0 writes."""
     state, opt_state = M.full_state(model, optimizer)
     if master_process():
         extra = {"train_state.pt": {"optimizer": opt_state, "step": step, "args": vars(args)}}
         M.save_pretrained(model, path, tok, state=state, extra=extra)
+        if path.name == "final":
+            M.save_pretrained(model, path.with_name("final-bf16"), tok, dtype=torch.bfloat16, state=state)
+        for old in sorted(path.parent.glob("step-*[0-9]"))[:-args.keep_last] if args.keep_last else []:
+            shutil.rmtree(old)
         print(f"saved {path}", flush=True)
     barrier()
 

@@ -226,3 +226,16 @@ def test_evaluation_never_reuses_another_models_rows(setup, tmp_path):
     alone = evaluate.run(evaluate.settings(model=str(other / "final"), **dict(kw, out=str(tmp_path / "f.json"))))
     assert [r["completion"] for r in second["items"]] == [r["completion"] for r in alone["items"]]
     assert [r["completion"] for r in first["items"]] != [r["completion"] for r in second["items"]]
+
+
+def test_keep_last_checkpoints_and_a_bf16_export(setup, tmp_path):
+    d, init = setup
+    train.main(GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "r"),
+                       "--max-steps", "5", "--save-every", "1", "--keep-last", "2", "--prompts-per-rank", "2"])
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.is_dir()) == [
+        "final", "final-bf16", "step-000003", "step-000004"]
+    fp32, bf16 = (load_file(str(tmp_path / f"r/{n}/model.safetensors")) for n in ("final", "final-bf16"))
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].bfloat16()) for k in fp32)
+    assert not (tmp_path / "r/final-bf16/train_state.pt").exists()
+    model, _ = train.M.from_pretrained(tmp_path / "r/final-bf16")
+    assert model.cfg.image_size == 32
