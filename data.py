@@ -6,9 +6,11 @@ Video in, prompts out: everything TinyLLaVA-Video-R1 reads before the model sees
 3. prompts          -- the qwen2_base chat template, the two answer modes (paper s3.3), token ids
 4. readers          -- NextQA RL jsonl and LLaVA cold-start json (the released training data)
 5. training feed    -- VideoLoader (failures counted, never substituted), rehearsal_mix
-6. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
+6. downloads        -- the released checkpoints, training data and benchmarks: `python data.py download`
+7. the "shapes" task -- a synthetic video-QA data set made here, for machines without NextQA
 
 Run:
+    python data.py download --what train --root data     # train | mvbench | videomme | mlvu | mmvu
     python data.py shapes --out data/shapes --train 2000 --test 250 --seed 0
     python tests/bench.py video               # our reader vs decode-everything-then-pick
 """
@@ -19,7 +21,9 @@ import multiprocessing
 import os
 import random
 import re
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +38,22 @@ class UserError(ValueError):
     """Bad input from the user: a data file, a flag, a checkpoint, a run folder, a full disk. Its message
     names the file and record and says what is wrong; train.py and evaluate.py print it in one line,
     without a traceback, and exit with status 2. Everything else keeps its traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line from rank 0 (cli), not a usage text from every rank
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def cli(fn, *args):
+    """fn(*args) as a command: bad input (a UserError, a missing file) prints one line from rank 0,
+    without a traceback, and exits with status 2; any other error keeps its traceback."""
+    try:
+        return fn(*args)
+    except (UserError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -528,7 +548,52 @@ def rehearsal_mix(samples, old, epochs, ratio, seed, where="the rehearsal data")
 
 
 # -----------------------------------------------------------------------------
-# 6. The synthetic "shapes" task
+# 6. The released checkpoints, training data and benchmarks, and where `python data.py download` puts them
+
+CHECKPOINTS = {"base": "Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512",      # TinyLLaVA-Video
+               "coldstart": "Zhang199/TinyLLaVA-Video-Coldstart_NextQA_16",     # after the 16-sample cold start
+               "r1": "Zhang199/TinyLLaVA-Video-R1"}
+DATASETS = {  # --what: (hub dataset, its folder under --root)
+    "train": ("Zhang199/TinyLLaVA-Video-R1-training-data", "train"),  # 2 files + NextQA.zip (the clips)
+    "mvbench": ("OpenGVLab/MVBench", "mvbench"), "videomme": ("lmms-lab/Video-MME", "videomme"),
+    "mlvu": ("MLVU/MVLU", "mlvu"), "mmvu": ("yale-nlp/MMVU", "mmvu")}
+TRAIN_FILES = {"sft": "data/train/nextqa-coldstart-16.json", "grpo": "data/train/nextqa_0-30s.jsonl"}
+DOWNLOAD_HINT = ("The paper's training data: `python data.py download --what train --root data` writes data/train/ "
+                 "(nextqa_0-30s.jsonl, nextqa-coldstart-16.json, NextQA/NExTVideo/<dir>/<id>.mp4)")
+
+
+def download(what, root="data", fetch=True):
+    """Fetch a data set with huggingface_hub (which transformers installs) into <root>/<folder>, then unpack
+    every .zip in it in place (once: a <zip>.done marker is left beside it). fetch=False only unpacks a
+    folder copied by hand. Returns the folder.
+    Raises UserError for an unknown name, or when the hub cannot be reached: the message says what to
+    download elsewhere and where to copy it."""
+    if what not in DATASETS:
+        raise UserError(f"unknown data set {what!r}; expected one of {sorted(DATASETS)}")
+    repo, sub = DATASETS[what]
+    folder = Path(root) / sub
+    if fetch:
+        from huggingface_hub import snapshot_download
+        try:
+            snapshot_download(repo, repo_type="dataset", local_dir=str(folder))
+        except Exception as e:  # offline, a gated data set without a token, ...
+            raise UserError(f"cannot download {repo} ({type(e).__name__}: {str(e)[:200]}). On a machine with "
+                            f"internet: `hf download {repo} --repo-type dataset --local-dir {sub}`; copy that "
+                            f"folder to {folder}, then `python data.py download --what {what} --root {root} "
+                            f"--no-fetch` unpacks it") from None
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (copy the {repo} data set there)")
+    for z in sorted(folder.rglob("*.zip")):
+        done = z.with_name(z.name + ".done")
+        if not done.exists():
+            with zipfile.ZipFile(z) as archive:
+                archive.extractall(z.parent)
+            done.write_text("unpacked\n")
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# 7. The synthetic "shapes" task
 #
 # Each clip shows 1-5 coloured shapes on a mid-grey background. Every shape in a clip has its own
 # colour, so a question can name it. Five question types, four of which need the ORDER of the
@@ -838,8 +903,17 @@ if __name__ == "__main__":
     s.add_argument("--test", type=int, default=250)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s = sub.add_parser("download", help="fetch and unpack a released data set (huggingface_hub)")
+    s.add_argument("--what", choices=sorted(DATASETS), default="train", help="which data set")
+    s.add_argument("--root", default="data", help="it lands in <root>/<name>, where train.py and evaluate.py look")
+    s.add_argument("--no-fetch", action="store_true", help="only unpack a folder copied there by hand")
     args = p.parse_args()
-    if args.cmd == "shapes":
+    if args.cmd == "download":
+        try:
+            print(f"{args.what}: {download(args.what, args.root, not args.no_fetch)}")
+        except UserError as e:
+            raise SystemExit(f"error: {e}")
+    elif args.cmd == "shapes":
         t0 = time.time()
         generate_shapes(args.out, args.train, args.test, args.seed, args.workers)
         print(f"wrote {args.train} train + {args.test} test clips to {args.out} in {time.time() - t0:.1f} s")

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import data
 import model as M
 import rewards
-from train import Parser, cli, dist_init, print0
+from train import dist_init, print0
 
 
 @dataclass
@@ -100,13 +100,14 @@ def load_mvbench(root):
 
 def load_videomme(root):
     root, rows = Path(root), []
-    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.jsonl")) + sorted(root.glob("*.parquet")):
+    # the release: videomme/test-00000-of-00001.parquet, the clips in data/ (from its zips)
+    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.jsonl")) + sorted(root.rglob("*.parquet")):
         if f.suffix == ".json":
             rows += _json(f)
         elif f.suffix == ".jsonl":
             rows += [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
         else:
-            import pyarrow.parquet as pq  # optional: only for the parquet release
+            import pyarrow.parquet as pq
             rows += pq.read_table(f).to_pylist()
     items = []
     for r in rows:
@@ -114,14 +115,21 @@ def load_videomme(root):
         if r["answer"] not in letters:
             raise data.UserError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
         problem = r["question"] + "\nOptions:\n" + "\n".join(o.strip() for o in r["options"])
-        items.append(Item(r["question_id"], r["duration"], str(root / "data" / f"{r['videoID']}.mp4"), problem, r["answer"]))
+        video = next((v for v in (root / "data" / f"{r['videoID']}{x}" for x in (".mp4", ".MP4", ".mkv")) if v.exists()),
+                     root / "data" / f"{r['videoID']}.mp4")  # lmms-eval's extensions; a missing one is reported
+        items.append(Item(r["question_id"], r["duration"], str(video), problem, r["answer"]))
     return items
 
 
 def load_mlvu(root):
+    """MLVU dev's multiple-choice tasks (json/<k>_<task>.json); the generation tasks (8_sub_scene,
+    9_summary: no candidates) are not part of M-Avg, as in the reference evaluation."""
     root, items = Path(root), []
     for f in sorted((root / "json").glob("*.json")):
-        for i, rec in enumerate(_json(f)):
+        records = _json(f)
+        if records and "candidates" not in records[0]:
+            continue
+        for i, rec in enumerate(records):
             items.append(Item(f"{f.stem}/{i}", f.stem, str(root / "video" / f.stem / rec["video"]),
                               data.format_options(rec["question"], rec["candidates"]),
                               _letter_of(rec["answer"], rec["candidates"], f"{f}: item {i}")))
@@ -391,10 +399,10 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
 
 
 def parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--bench", choices=sorted(LOADERS), required=True, help="which benchmark's loader")
-    p.add_argument("--data-root", required=True, help="the benchmark's local folder (jsonl: the file)")
+    p.add_argument("--data-root", help="the benchmark's folder, default data/<bench> (data.py download); jsonl: the file")
     p.add_argument("--mode", choices=["option", "reason"], default="reason", help="answer with the letter / think")
     p.add_argument("--out", required=True, help="results JSON (and <out>.<key>.rank<r>.jsonl while running)")
     p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
@@ -446,6 +454,10 @@ def run(args):
     reused only by the same checkpoint with the same settings. Returns the result dict on rank 0, else
     None. Raises UserError when the benchmark's folder holds no item."""
     rank, world, device = dist_init()
+    if args.data_root is None:
+        if args.bench == "jsonl":
+            raise data.UserError("--bench jsonl needs --data-root: the jsonl file")
+        args.data_root = str(Path("data") / data.DATASETS[args.bench][1])
     items = LOADERS[args.bench](args.data_root)
     if not items:
         raise data.UserError(f"{args.data_root}: no {args.bench} items there (is --data-root the benchmark's "
@@ -486,4 +498,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    data.cli(main)

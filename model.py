@@ -397,10 +397,10 @@ def resolve(path):
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(str(path)))
         except Exception as e:  # offline, unknown repo, ...: the user must fetch it by hand
-            raise FileNotFoundError(
-                f"cannot download {path} ({type(e).__name__}: {e}). On a machine with internet run "
-                f"`huggingface-cli download {path} --local-dir checkpoints/{Path(str(path)).name}` and pass "
-                f"that folder instead") from e
+            raise UserError(
+                f"cannot download {path} ({type(e).__name__}: {str(e)[:200]}). On a machine with internet run "
+                f"`hf download {path} --local-dir checkpoints/{Path(str(path)).name}` and pass that folder "
+                f"instead") from None
     raise FileNotFoundError(f"checkpoint folder not found: {path}")
 
 

@@ -45,22 +45,24 @@ import model as M
 import rewards
 
 # -----------------------------------------------------------------------------
-# Flags. Defaults are the paper's GRPO recipe (s4.1; the reference scripts for what it leaves out).
+# Flags. Defaults are the paper's recipe (s4.1; the reference scripts for what it leaves out): the flags
+# left unset take their stage's values below; the data lies where `python data.py download` puts it.
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line from rank 0 (cli), not a usage text from every rank
-        raise data.UserError(f"{self.prog}: {message} (see --help)")
+RECIPE = {  # cold start: 16 samples, 4 GPUs x 1, lr 1e-5 constant; GRPO: 8 GPUs x 1 prompt, lr 1e-6
+    "sft": dict(init=data.CHECKPOINTS["base"], data=data.TRAIN_FILES["sft"], out="runs/coldstart", lr=1e-5,
+                schedule="constant", warmup=0.0, batch_size=4),  # batch_size: global, split over the ranks
+    "grpo": dict(init=data.CHECKPOINTS["coldstart"], data=data.TRAIN_FILES["grpo"], out="runs/r1", lr=1e-6,
+                 schedule="cosine", warmup=0.03, batch_size=1)}
 
 
 def parser():
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", choices=["sft", "grpo"], default="grpo", help="cold-start SFT or GRPO")
-    g.add_argument("--init", required=True, help="checkpoint folder or hub id; 'tiny' = a new tiny model")
-    g.add_argument("--data", required=True, help="grpo: NextQA-format jsonl; sft: LLaVA-format json")
+    g.add_argument("--init", help="checkpoint folder or hub id; 'tiny' = a new tiny model (default: RECIPE)")
+    g.add_argument("--data", help="grpo: NextQA-format jsonl; sft: LLaVA-format json (default: RECIPE)")
     g.add_argument("--video-root", default=None, help="videos are relative to this (default: --data's dir)")
-    g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints")
+    g.add_argument("--out", help="run folder: metrics.jsonl, checkpoints (default: RECIPE)")
     g.add_argument("--resume", default=None, help="a checkpoint folder of this run to continue from")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     g = p.add_argument_group("GRPO (paper s3.2, s4.3.3; the reference's sampling settings)")
@@ -86,14 +88,14 @@ def parser():
     g.add_argument("--tgrpo-alpha", type=float, default=0.3, help="T-GRPO's bonus for a right answer")
     g.add_argument("--tgrpo-mu", type=float, default=1.0, help="bonus paid when p >= mu * p_shuffled")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (paper s4.1: 1e-6)")
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after the warmup")
-    g.add_argument("--warmup", type=float, default=0.03, help="linear warmup, fraction of the steps")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: RECIPE; paper s4.1)")
+    g.add_argument("--schedule", choices=["cosine", "constant"], help="after the warmup (default: RECIPE)")
+    g.add_argument("--warmup", type=float, help="linear warmup, fraction of the steps (default: RECIPE)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     g.add_argument("--epochs", type=int, default=1, help="passes over --data")
     g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
-    g.add_argument("--batch-size", type=int, default=1, help="sft: samples per rank per step")
+    g.add_argument("--batch-size", type=int, help="sft: samples per rank per step (default: RECIPE / ranks)")
     g.add_argument("--rehearse", default=None,
                    help="sft: the previous stage's LLaVA json, mixed in by data.rehearsal_mix")
     g.add_argument("--rehearse-ratio", type=float, default=2, help="rehearsed records per --data sample")
@@ -118,15 +120,19 @@ def parser():
 
 
 def check(args):
-    """Raises UserError for settings that cannot go together."""
+    """Fills the unset flags from RECIPE. Raises UserError for settings that cannot go together, and for
+    a missing data file (naming the command that downloads the paper's)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    for k, v in RECIPE[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, max(1, v // world) if k == "batch_size" else v)
+    if not Path(args.data).exists():
+        raise data.UserError(f"{args.data}: no such data file. {data.DOWNLOAD_HINT}")
     if args.rehearse and args.stage != "sft":
         raise data.UserError("--rehearse is for the sft stage (a cold start)")
     if args.train_vision and args.stage != "sft":
         raise data.UserError("--train-vision is for the sft stage: GRPO shares one tower pass among policy, "
                              "old policy and reference model, which needs a frozen tower")
-    missing = [k for k in ("init", "data", "out") if getattr(args, k) is None]
-    if missing:
-        raise data.UserError(f"missing settings: {missing}")
     return args
 
 
@@ -173,17 +179,6 @@ def print0(*args):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def cli(fn, *args):
-    """fn(*args) as a command: bad input (a UserError, a missing file) prints one line from rank 0,
-    without a traceback, and exits with status 2; any other error keeps its traceback."""
-    try:
-        return fn(*args)
-    except (data.UserError, FileNotFoundError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def all_sum(values, device):
@@ -697,7 +692,7 @@ SMOKE = dict(  # a few steps of each stage: the CI's test of the pipeline
 
 
 def shapes_args(argv):
-    p = Parser(prog="train.py shapes", description="the whole pipeline on the shapes task (shapes_pipeline)")
+    p = data.Parser(prog="train.py shapes", description="the whole pipeline on the shapes task")
     p.add_argument("--out", default="runs/shapes", help="the run's folder: data, checkpoints, results")
     p.add_argument("--seed", type=int, default=0, help="data, initialisation, sampling")
     p.add_argument("--smoke", action="store_true", help="a few steps of each stage (the CI test)")
@@ -787,9 +782,9 @@ def shapes_pipeline(argv):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["shapes"]:
-        cli(shapes_pipeline, sys.argv[2:])
+        data.cli(shapes_pipeline, sys.argv[2:])
     else:
-        cli(main)
+        data.cli(main)
         if "RANK" in os.environ:
             # Under torchrun, everything is on disk now: leave without the interpreter's teardown. With
             # --fsdp, DTensor's caches keep the gloo process group alive past destroy_process_group, and

@@ -243,7 +243,7 @@ def test_load_errors_list_names(tiny, tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \(1\).*connector._connector.latents.*\n.*unexpected \(1\).*extra"):
         M.from_pretrained(path)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(M.UserError, match="`hf download Zhang199"):
         M.from_pretrained("Zhang199/TinyLLaVA-Video-Qwen2.5-3B-Group-16-512-does-not-exist")
 
 

@@ -35,7 +35,7 @@ def metrics(path):
 
 def command(args, nproc=0, timeout=600, **popen):
     """train.py (or evaluate.py, when args[0] ends in .py) as a command line; nproc > 0: under torchrun."""
-    script = [str(ROOT / "train.py")] if not args[0].endswith(".py") else [str(ROOT / args.pop(0))]
+    script = [str(ROOT / args.pop(0))] if args and args[0].endswith(".py") else [str(ROOT / "train.py")]
     runner = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                                                  str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -48,7 +48,8 @@ def test_a_run_folder_belongs_to_one_run(setup, tmp_path):
                    "--max-steps", "2", "--prompts-per-rank", "2"]
     train.main(args)
     first = (tmp_path / "r/final/model.safetensors").read_bytes()
-    with pytest.raises(data.UserError, match=r"r already holds a run \(final, metrics.jsonl.*--resume .*another --out"):
+    with pytest.raises(data.UserError, match=r"r already holds a run \(final, final-bf16, metrics.jsonl\): continue it "
+                                             r"with --resume .*another --out \(--overwrite replaces it\)"):
         train.main(args + ["--seed", "1"])
     assert (tmp_path / "r/final/model.safetensors").read_bytes() == first and len(metrics(tmp_path / "r")) == 2
     train.main(args + ["--seed", "1", "--overwrite"])
@@ -141,7 +142,7 @@ def test_sft_with_the_video_gain_under_fsdp_equals_one_process(setup, tmp_path):
     a = load_file(str(tmp_path / "one/final/model.safetensors"))
     b = load_file(str(tmp_path / "two/final/model.safetensors"))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=0, msg=k)
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0, msg=k)  # a stale forward moved them ~2e-3
     # each rank pairs its own samples' videos, so the two gains measure different pairs: both logged
     assert all("video_gain" in x for x in metrics(tmp_path / "one") + metrics(tmp_path / "two"))
 
@@ -193,9 +194,9 @@ def test_a_skipped_prompt_does_not_scale_the_others_gradient(setup, tmp_path):
 
 def test_user_errors_print_one_line_and_exit_2(setup, tmp_path):
     d, init = setup
-    r = command(["--stage", "grpo"], nproc=2)             # a usage error under torchrun: one line, rank 0
+    r = command(["--G", "eight"], nproc=2)                 # a usage error under torchrun: one line, rank 0
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert r.returncode != 0 and len(errors) == 1 and "--init, --data, --out" in errors[0], r.stderr[-2000:]
+    assert r.returncode != 0 and len(errors) == 1 and "argument --G: invalid int value: 'eight'" in errors[0]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     r = command(GRPO + ["--init", str(init), "--data", str(empty), "--out", str(tmp_path / "r")])
@@ -218,9 +219,9 @@ def test_evaluation_never_reuses_another_models_rows(setup, tmp_path):
     d, init = setup
     other = tmp_path / "other"
     train.main(["--stage", "sft", "--init", str(init), "--data", str(d / "sft.json"), "--out", str(other),
-                "--max-steps", "3", "--lr", "5e-3", "--quiet"])
+                "--max-steps", "3", "--lr", "5e-3", "--schedule", "cosine", "--warmup", "0.03", "--quiet"])
     kw = dict(bench="jsonl", data_root=str(d / "test.jsonl"), mode="reason", out=str(tmp_path / "e.json"),
-              max_new_tokens=6)
+              max_new_tokens=6, temperature=1.0, seed=5)  # sampled: each model draws its own tokens
     first = evaluate.run(evaluate.settings(model=str(init), **kw))
     second = evaluate.run(evaluate.settings(model=str(other / "final"), **kw))
     alone = evaluate.run(evaluate.settings(model=str(other / "final"), **dict(kw, out=str(tmp_path / "f.json"))))
@@ -239,3 +240,61 @@ def test_keep_last_checkpoints_and_a_bf16_export(setup, tmp_path):
     assert not (tmp_path / "r/final-bf16/train_state.pt").exists()
     model, _ = train.M.from_pretrained(tmp_path / "r/final-bf16")
     assert model.cfg.image_size == 32
+
+
+def test_download_unpacks_once_and_names_the_way_round_offline(tmp_path, monkeypatch):
+    import zipfile
+    import huggingface_hub
+    fetched = []
+
+    def hub(repo, repo_type, local_dir):  # the stub hub: the training data's three files
+        fetched.append((repo, repo_type))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        (Path(local_dir) / "nextqa_0-30s.jsonl").write_text("{}\n")
+        with zipfile.ZipFile(Path(local_dir) / "NextQA.zip", "w") as z:
+            z.writestr("NextQA/NExTVideo/0/1.mp4", b"clip")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    folder = data.download("train", tmp_path)
+    assert fetched == [("Zhang199/TinyLLaVA-Video-R1-training-data", "dataset")] and folder == tmp_path / "train"
+    assert (folder / "NextQA/NExTVideo/0/1.mp4").read_bytes() == b"clip"
+    (folder / "NextQA/NExTVideo/0/1.mp4").unlink()
+    data.download("train", tmp_path)                                   # unpacked once: the marker says so
+    assert not (folder / "NextQA/NExTVideo/0/1.mp4").exists()
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(data.UserError, match=r"cannot download OpenGVLab/MVBench \(OSError: no network\).*"
+                                             r"`hf download OpenGVLab/MVBench --repo-type dataset --local-dir mvbench`"):
+        data.download("mvbench", tmp_path)
+
+
+def test_the_paper_recipe_is_the_default(setup, tmp_path):
+    """`torchrun --nproc_per_node 2 train.py` and `python train.py --stage sft` on a miniature of the
+    released training data (its file names and layout), with only --init pointed at a tiny checkpoint."""
+    d, init = setup
+    r = command([], nproc=2, cwd=tmp_path)                 # no data yet: one line naming the download
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "data/train/nextqa_0-30s.jsonl: no such data file" in errors[0]
+    assert "python data.py download --what train --root data" in errors[0]
+    train_dir = tmp_path / "data/train"
+    (train_dir / "NextQA/NExTVideo/0").mkdir(parents=True)
+    rows = []
+    for i, line in enumerate((d / "train.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        (train_dir / f"NextQA/NExTVideo/0/{i}.mp4").write_bytes((d / rec["video_filename"]).read_bytes())
+        rows.append(json.dumps(dict(rec, video_filename=f"./NextQA/NExTVideo/0/{i}.mp4")))
+    (train_dir / "nextqa_0-30s.jsonl").write_text("\n".join(rows) + "\n")
+    cold = json.loads((d / "coldstart.json").read_text())
+    for rec in cold:
+        rec["video"] = f"./NextQA/NExTVideo/0/{int(rec['video'].split('_')[-1][:5])}.mp4"
+    (train_dir / "nextqa-coldstart-16.json").write_text(json.dumps(cold))
+    r = command(["--stage", "sft", "--init", str(init), "--max-steps", "1"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "runs/coldstart/final/train_state.pt", weights_only=False)["args"]
+    assert (state["lr"], state["schedule"], state["batch_size"]) == (1e-5, "constant", 4)
+    r = command(["--init", str(tmp_path / "runs/coldstart/final"), "--max-steps", "2", "--max-new-tokens", "16"],
+                nproc=2, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "runs/r1/final/train_state.pt", weights_only=False)["args"]
+    assert (state["G"], state["lr"], state["beta"], state["data"]) == (8, 1e-6, 0.01, "data/train/nextqa_0-30s.jsonl")

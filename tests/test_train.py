@@ -286,12 +286,15 @@ def test_the_frozen_tower_runs_once_per_video_per_grpo_step(setup, tmp_path, mon
     assert frames == [16, 16]
 
 
-def test_settings_are_the_flags_defaults_with_overrides():
-    args = train.settings(stage="sft", init="tiny", data="d.json", out="o", lr=1e-3)
-    assert args == train.get_args(["--stage", "sft", "--init", "tiny", "--data", "d.json", "--out", "o", "--lr", "1e-3"])
+def test_settings_are_the_flags_defaults_with_overrides(tmp_path):
+    d = str(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text("[]")
+    args = train.settings(stage="sft", init="tiny", data=d, out="o", lr=1e-3)
+    assert args == train.get_args(["--stage", "sft", "--init", "tiny", "--data", d, "--out", "o", "--lr", "1e-3"])
+    assert (args.schedule, args.warmup, args.batch_size) == ("constant", 0.0, 4)   # the cold start's recipe
     with pytest.raises(TypeError, match="not train.py flags: \\['learning_rate'\\]"):
-        train.settings(init="tiny", data="d.json", out="o", learning_rate=1e-3)
-    with pytest.raises(ValueError, match="missing settings: \\['out'\\]"):
-        train.settings(init="tiny", data="d.json")
+        train.settings(init="tiny", data=d, out="o", learning_rate=1e-3)
+    with pytest.raises(data.UserError, match="gone.json: no such data file. The paper's training data: `python data"):
+        train.settings(init="tiny", data=str(tmp_path / "gone.json"))
     with pytest.raises(ValueError, match="--train-vision is for the sft stage"):
-        train.settings(init="tiny", data="d.json", out="o", train_vision=True)
+        train.settings(init="tiny", data=d, out="o", train_vision=True)
