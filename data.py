@@ -829,8 +829,11 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
         shapes_args.txt       the arguments that wrote the folder, as JSON
     Deterministic from `seed` (each sample has its own generator, so worker count does not matter).
     Returns: {"train": [scene, ...], "test": [...]}.
+    Raises: UserError when `out` holds files other than a data set of these same settings (check_shapes).
     """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        check_shapes(out, n_train, n_test, seed)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), s, i, seed) for s, n in (("train", n_train), ("test", n_test)) for i in range(n)]
     if workers > 1:  # spawned, not forked: a fork of a process that runs torch's threads can deadlock
@@ -868,9 +871,27 @@ def generate_shapes(out, n_train=2000, n_test=250, seed=0, workers=2):
     (out / "sft.json").write_text(json.dumps(sft, indent=1))
     (out / "sft-direction.json").write_text(json.dumps(direction, indent=1))
     (out / "sft-direction-all.json").write_text(json.dumps(direction_all, indent=1))
-    (out / "shapes_args.txt").write_text(json.dumps(dict(train=n_train, test=n_test, seed=seed)))
     (out / "coldstart.json").write_text(json.dumps(cold, indent=1))
+    (out / "shapes_args.txt").write_text(json.dumps(dict(train=n_train, test=n_test, seed=seed)))  # last: done
     return scenes
+
+
+def check_shapes(folder, n_train, n_test, seed):
+    """A shapes folder is reused only for the settings that wrote it. Raises UserError when its
+    shapes_args.txt is missing (another task, or files of something else) or records other settings,
+    or when a file of the data set is missing."""
+    wanted, args = dict(train=n_train, test=n_test, seed=seed), Path(folder) / "shapes_args.txt"
+    written = json.loads(args.read_text()) if args.exists() else None
+    if written != wanted:
+        raise UserError(f"{folder} holds {'no shapes data set' if written is None else written}, not the shapes "
+                        f"data of {wanted}: choose another folder")
+    missing = [f for f in SHAPES_FILES if not (Path(folder) / f).exists()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(missing)} (an older data.py wrote it): choose another folder")
+
+
+SHAPES_FILES = ("train.jsonl", "test.jsonl", "sft.json", "sft-direction.json", "sft-direction-all.json",
+                "coldstart.json")
 
 
 def _record(scene, human, gpt, *more):

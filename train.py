@@ -714,7 +714,7 @@ def shapes_pipeline(argv):
     with R1 against the cold start and the base on the same clips (McNemar's test); Figure 4's curves as
     CSV (and PNG with matplotlib). Stages already on disk are reused, so an ablation re-runs only GRPO
     and its evaluation. Returns {"results", "comparisons", "times", "curves"}. Raises UserError under
-    torchrun with several ranks, or when --out's data folder lacks a part's records."""
+    torchrun with several ranks, or when --out's data folder was written for other settings."""
     import evaluate
     a = shapes_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -733,10 +733,8 @@ def shapes_pipeline(argv):
         times[name] = time.time() - t0
         print(f"== {name}: {times[name] / 60:.1f} min", flush=True)
 
-    stage("data", d / "test.jsonl", lambda: data.generate_shapes(d, S["n_train"], S["n_test"], a.seed))
-    missing = [f for f in ("sft-direction.json", "sft-direction-all.json") if not (d / f).exists()]
-    if missing:
-        raise data.UserError(f"{d} lacks {', '.join(missing)} (an older data.py wrote it): use another --out")
+    stage("data", d / "shapes_args.txt", lambda: data.generate_shapes(d, S["n_train"], S["n_test"], a.seed))
+    data.check_shapes(d, S["n_train"], S["n_test"], a.seed)  # a folder of another task or size is refused
     sft = lambda init, data_file, run, **kw: lambda: train(settings(
         stage="sft", init=str(init), data=str(d / data_file), out=str(run), seed=a.seed, **kw))
     stage("base SFT", out / "base/final", sft("tiny", "sft.json", out / "base", **S["base"]))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import data
 import evaluate
 import train
 
@@ -51,7 +52,19 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert torch.load(out / "coldstart-norehearsal/final/train_state.pt", weights_only=False)["args"]["rehearse"] is None
     for records in ("sft-direction.json", "sft-direction-all.json"):  # a folder that an older data.py wrote
         (out / "data" / records).rename(out / "data/away.json")
-        with pytest.raises(ValueError, match=f"lacks {records}"):
+        with pytest.raises(ValueError, match=f"lacks {records} \\(an older data.py wrote it\\): choose another folder"):
             train.shapes_pipeline(["--out", str(out), "--smoke"])
         (out / "data/away.json").rename(out / "data" / records)
     assert [len(r["conversations"]) for r in json.loads((out / "data/sft.json").read_text())] == [2, 4, 2] * 20
+
+
+def test_a_data_folder_of_other_settings_is_refused(tmp_path):
+    data_dir = tmp_path / "shapes/data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "train.jsonl").write_text("{}\n")                      # a folder of another task
+    with pytest.raises(data.UserError, match="holds no shapes data set, not the shapes data of"):
+        train.shapes_pipeline(["--out", str(tmp_path / "shapes"), "--smoke"])
+    assert (data_dir / "train.jsonl").read_text() == "{}\n"             # left as it was
+    data.generate_shapes(tmp_path / "s", n_train=20, n_test=5, seed=0, workers=1)
+    with pytest.raises(data.UserError, match=r"holds \{'train': 20, 'test': 5, 'seed': 0\}, not .*'seed': 1"):
+        data.generate_shapes(tmp_path / "s", n_train=20, n_test=5, seed=1, workers=1)
