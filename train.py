@@ -1,10 +1,10 @@
 """
 Train TinyLLaVA-Video-R1 (paper s4.1): cold-start SFT, then GRPO with the rule rewards.
 
-    python train.py --stage sft --init CKPT --data cold16.json --out runs/cold --lr 1e-5 --schedule constant
-    python train.py --stage grpo --init runs/cold/final --data nextqa.jsonl --video-root DATA --out runs/r1
-    torchrun --nproc_per_node 8 train.py --stage grpo ...          # the paper's 8 GPUs, 1 prompt each
-    python train.py shapes                 # the whole pipeline on the synthetic shapes task, CPU, minutes
+    python data.py download --what train   # the released training data, into data/train/
+    python train.py --stage sft             # the cold start from the released base model -> runs/coldstart
+    torchrun --nproc_per_node 8 train.py    # GRPO from the released cold start, 8 GPUs x 1 prompt -> runs/r1
+    python train.py shapes                  # the whole pipeline on the synthetic shapes task, CPU, minutes
 
 Read top to bottom. A GRPO step runs each prompt's frozen vision tower once, samples G = 8 completions
 with the unwrapped model, scores them (rewards.py), turns rewards into group advantages (grpo.py, eq. 2)
