@@ -261,8 +261,9 @@ def reference_logprobs(model, ref_model, prompt, feats, ids, need_old):
 
 def backward(model, group, n_sequences, micro_batch, loss_kw, device):
     """5. Backward of eq. (1) for one group, in micro-batches of `micro_batch` completions. The loss is
-    normalised by the number of sequences on this rank (n_sequences), so summing micro-batches gives
-    the rank's batch mean; the connector re-runs per micro-batch on the group's stored vision features.
+    normalised by n_sequences (the scored sequences of all ranks / the number of ranks), so summing the
+    micro-batches and averaging the ranks' gradients gives the mean over the scored sequences; the
+    connector re-runs per micro-batch on the group's stored vision features.
     loss_kw: grpo.grpo_loss's settings. Returns the summed loss (float) and grpo_loss's metrics list."""
     total, stats = 0.0, []
     for lo in range(0, len(group["ids"]), micro_batch):
