@@ -44,6 +44,20 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line from rank 0 (cli), not a usage text from every rank
         raise UserError(f"{self.prog}: {message} (see --help)")
 
+    def settings(self, **overrides):
+        """The flags' defaults with `overrides` (flag names with _ for -), as parse_args would return them:
+        how a script calls another's main function without command-line strings. Raises TypeError for a
+        name that is not a flag, UserError when a required flag is missing."""
+        defaults = {a.dest: a.default for a in self._actions if a.dest != "help"}
+        unknown = set(overrides) - set(defaults)
+        if unknown:
+            raise TypeError(f"not {self.prog} flags: {sorted(unknown)}")
+        args = argparse.Namespace(**{**defaults, **overrides})
+        missing = [a.dest for a in self._actions if a.required and getattr(args, a.dest) is None]
+        if missing:
+            raise UserError(f"missing settings: {missing}")
+        return args
+
 
 def cli(fn, *args):
     """fn(*args) as a command: bad input (a UserError, a missing file) prints one line from rank 0,

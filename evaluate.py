@@ -115,8 +115,8 @@ def load_videomme(root):
         if r["answer"] not in letters:
             raise data.UserError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
         problem = r["question"] + "\nOptions:\n" + "\n".join(o.strip() for o in r["options"])
-        video = next((v for v in (root / "data" / f"{r['videoID']}{x}" for x in (".mp4", ".MP4", ".mkv")) if v.exists()),
-                     root / "data" / f"{r['videoID']}.mp4")  # lmms-eval's extensions; a missing one is reported
+        found = [root / "data" / f"{r['videoID']}{x}" for x in (".mp4", ".MP4", ".mkv")]  # lmms-eval's
+        video = next((v for v in found if v.exists()), found[0])  # a missing clip is reported, not skipped
         items.append(Item(r["question_id"], r["duration"], str(video), problem, r["answer"]))
     return items
 
@@ -399,10 +399,11 @@ def model_policy(model, tok, mode, max_new_tokens=None, temperature=0.0, top_k=0
 
 
 def parser():
-    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder or hub id")
     p.add_argument("--bench", choices=sorted(LOADERS), required=True, help="which benchmark's loader")
-    p.add_argument("--data-root", help="the benchmark's folder, default data/<bench> (data.py download); jsonl: the file")
+    p.add_argument("--data-root", help="the benchmark's folder (default: data/<bench>, where data.py download "
+                                       "puts it); jsonl: the file")
     p.add_argument("--mode", choices=["option", "reason"], default="reason", help="answer with the letter / think")
     p.add_argument("--out", required=True, help="results JSON (and <out>.<key>.rank<r>.jsonl while running)")
     p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
@@ -421,18 +422,9 @@ def parser():
 
 
 def settings(**overrides):
-    """The flags' defaults with `overrides` (flag names with _ for -): how train.py shapes calls run().
-    Raises TypeError for a name that is not a flag, ValueError when --model, --bench, --data-root or
-    --out is missing."""
-    p = parser()
-    defaults = {a.dest: a.default for a in p._actions if a.dest != "help"}
-    if set(overrides) - set(defaults):
-        raise TypeError(f"not evaluate.py flags: {sorted(set(overrides) - set(defaults))}")
-    args = argparse.Namespace(**{**defaults, **overrides})
-    missing = [a.dest for a in p._actions if a.required and getattr(args, a.dest) is None]
-    if missing:
-        raise data.UserError(f"missing settings: {missing}")
-    return args
+    """The flags' defaults with `overrides` (data.Parser.settings): how train.py shapes calls run().
+    Raises TypeError for a name that is not a flag, UserError when --model, --bench or --out is missing."""
+    return parser().settings(**overrides)
 
 
 def cache_key(args):

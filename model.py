@@ -8,7 +8,7 @@ TinyLLaVA-Video (Group-16-512): SigLIP vision tower -> group Perceiver resampler
       -> language model (Qwen2ForCausalLM)                                    logits
 
 Also here: loading and saving checkpoints in the released layout (Zhang199/TinyLLaVA-Video-*), a tiny
-preset and a tokenizer for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
+preset for the shapes task, and the sampler of GRPO's rollouts, written by hand: encode each video
 once, prefill each prompt once, copy its KV cache G times, decode all prompts' G rows together.
 
 Benchmarks (our sampler against HF generate(), prompts one by one against together) and a full-size
@@ -520,11 +520,11 @@ def claim_run_folder(out, start, resume, overwrite):
         if metrics.exists():
             rows = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= start]
             metrics.write_text("".join(r + "\n" for r in rows))
-    elif any(out.iterdir()) and not overwrite:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise UserError(f"{out} already holds a run ({held}): continue it with --resume "
-                             f"{out}/<checkpoint>, or choose another --out (--overwrite replaces it)")
-    elif overwrite:
+    elif any(out.iterdir()):
+        if not overwrite:
+            held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise UserError(f"{out} already holds a run ({held}): continue it with --resume "
+                            f"{out}/<checkpoint>, or choose another --out (--overwrite replaces it)")
         shutil.rmtree(out)
         out.mkdir()
 
@@ -572,8 +572,8 @@ def completion_mask(ids, eos_id):
 
 
 def decode_completions(tokenizer, ids, mask):
-    """Texts of completions: each row's masked tokens, decoded without special tokens (as the reference's reward
-    functions read them).
+    """Texts of completions: each row's masked tokens, decoded without special tokens (as the reference's
+    reward functions read them).
     ids, mask: long (G, L) as returned by `sample`. Returns list[str] of length G."""
     return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids.cpu(), mask.cpu())]
 

@@ -56,7 +56,8 @@ RECIPE = {  # cold start: 16 samples, 4 GPUs x 1, lr 1e-5 constant; GRPO: 8 GPUs
 
 
 def parser():
-    p = data.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(prog="train.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--stage", choices=["sft", "grpo"], default="grpo", help="cold-start SFT or GRPO")
     g.add_argument("--init", help="checkpoint folder or hub id; 'tiny' = a new tiny model (default: RECIPE)")
@@ -141,13 +142,9 @@ def get_args(argv=None):
 
 
 def settings(**overrides):
-    """The flags' defaults with `overrides` (flag names with _ for -), as get_args returns them: how the
+    """The flags' defaults with `overrides`, as get_args returns them (data.Parser.settings): how the
     shapes pipeline calls train(). Raises TypeError for a name that is not a flag, UserError as check."""
-    defaults = {a.dest: a.default for a in parser()._actions if a.dest != "help"}
-    unknown = set(overrides) - set(defaults)
-    if unknown:
-        raise TypeError(f"not train.py flags: {sorted(unknown)}")
-    return check(argparse.Namespace(**{**defaults, **overrides}))
+    return check(parser().settings(**overrides))
 
 
 # -----------------------------------------------------------------------------
