@@ -16,7 +16,6 @@ Run:
 """
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -94,8 +93,9 @@ def load_video(path, num_frames=16, start=None, end=None):
         path: a video file (mp4, webm, avi, mkv, ...) or a folder of numbered jpg/png frames.
         num_frames: how many frames to return (16 in every stage of the paper).
         start, end: optional bounds in SECONDS (MVBench); only frames whose timestamp t
-            (from the stream start) has start <= t <= end are candidates. Frame i of a folder
-            is at i / 3 s (MVBench's frame folders are sampled at 3 fps).
+            (from the stream start) has start <= t <= end are candidates. A folder's frame
+            numbered n (00001.jpg: n = 1) is at n / 3 s: MVBench's frame folders are sampled at
+            3 fps and numbered from 1, as its loader reads them.
     Returns:
         uint8 array (num_frames, H, W, 3), RGB, in time order. Identical, pixel for pixel, to
         decoding every frame and then taking `frame_indices(N, num_frames)` of the N candidates.
@@ -131,12 +131,10 @@ def _load_frame_folder(folder, num_frames, start=None, end=None):
             raise ValueError(f"frame file {f} has no number in its name")
         return int(digits[-1])
     files.sort(key=number)
-    if start is not None or end is not None:  # frame i is at i / FOLDER_FPS seconds
-        lo = 0 if start is None else max(0, math.ceil(start * FOLDER_FPS))
-        hi = len(files) - 1 if end is None else min(len(files) - 1, math.floor(end * FOLDER_FPS))
-        if lo > hi:
+    if start is not None or end is not None:  # the frame numbered n is at n / FOLDER_FPS seconds
+        files = [f for f in files if _within(number(f) / FOLDER_FPS, start, end)]
+        if not files:
             raise ValueError(f"frame folder {folder} has no frame between {start} s and {end} s")
-        files = files[lo:hi + 1]
     picked = [files[i] for i in frame_indices(len(files), num_frames)]
     return np.stack([_decode_image(f) for f in picked])
 
@@ -284,12 +282,13 @@ def format_options(question, options):
     return question + "\nOptions:\n" + "\n".join(lines)
 
 
-OPTION_LINE = re.compile(r"^([A-J])\. ", re.MULTILINE)
+OPTION_LINE = re.compile(r"^(?:([A-J])\.|\(([A-J])\)) ", re.MULTILINE)  # "A. text" or "(A) text"
 
 
-def option_letters(problem):
-    """The letters of a problem's options ("A. ..." lines), e.g. "ABCDE"; "ABCDE" when none are found."""
-    return "".join(OPTION_LINE.findall(problem)) or "ABCDE"
+def option_letters(problem, default="ABCDE"):
+    """The letters of a problem's options, written "A. text" (NextQA, Video-MME, MMVU) or "(A) text"
+    (the reference eval's MVBench and MLVU prompts), e.g. "ABCD"; `default` when none are found."""
+    return "".join(a or b for a, b in OPTION_LINE.findall(problem)) or default
 
 
 def build_question(problem, mode="reason", sep=" "):
@@ -377,7 +376,7 @@ def read_text(path):
 def check_label(letter, problem, where):
     """The label must be one letter among the record's own options (the "A. ..." lines of its problem).
     Returns the letter. Raises UserError naming the record."""
-    letters = "".join(OPTION_LINE.findall(problem))
+    letters = option_letters(problem, default="")
     if not letters:
         raise UserError(f"{where}: the question has no option lines ('A. ...')")
     if len(letter) != 1 or letter not in letters:

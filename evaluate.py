@@ -1,26 +1,32 @@
 """
 Evaluate a TinyLLaVA-Video checkpoint on the paper's benchmarks (Table 1) in Option or Reason mode.
 
-    python evaluate.py --model CKPT --bench mvbench  --data-root DATA/MVBench  --mode reason --out results/r1_mvbench.json
-    python evaluate.py --model CKPT --bench jsonl    --data-root data/shapes/test.jsonl --mode option ...
+    python evaluate.py --model CKPT --bench mvbench --mode reason --out results/r1_mvbench.json
+    python evaluate.py --model CKPT --bench mvbench --protocol reference --seeds 3 --out ...
+    python evaluate.py --model CKPT --bench jsonl --data-root data/shapes/test.jsonl --mode option --out ...
     torchrun --nproc_per_node 8 evaluate.py ...              # items sharded over ranks, gathered on rank 0
     python evaluate.py table results/*.json                  # results -> a table in the layout of Table 1
 
-Benchmarks (their released layouts; local folders only):
-    mvbench   DATA/json/<task>.json + DATA/video/...     mean of the 20 per-task accuracies
-    videomme  DATA/*.json[l] (or *.parquet with pyarrow) + DATA/data/<videoID>.mp4     overall + per duration
-    mlvu      DATA/json/<k>_<task>.json + DATA/video/<k>_<task>/...   M-Avg: mean of the 7 task accuracies
-    mmvu      DATA/validation.json + DATA/videos/...         multiple-choice items only
+Benchmarks, in their released layouts under data/<name>/ (python data.py download --what <bench>):
+    mvbench   json/<task>.json + video/<prefix>/...          Avg: the mean over all items
+    videomme  videomme/*.parquet + data/<videoID>.mp4        overall + per duration
+    mlvu      json/<k>_<task>.json + video/<k>_<task>/...   M-Avg: mean of the 7 task accuracies
+    mmvu      validation.json + videos/...                   multiple-choice items only
     jsonl     a NextQA-format jsonl (the shapes test set)    overall (+ per question type for shapes)
 
-Answer modes: "option" asks for the letter directly; "reason" asks for <think>/<answer> tags and reads
-the letter with rewards.parse_answer, the very parser of the training reward. Departures from the
-reference eval: greedy decoding by default (the reference samples at temperature 1: --temperature 1
---seed S); an unparseable answer is wrong and its rate reported (the reference guesses a random
-letter: --guess-unparsed); a missing or undecodable video is reported, counted and left out of the
-accuracy instead of stopping the run.
+Two protocols. "ours" (default) is deterministic: greedy decoding, every benchmark's options written
+"Options:\nA. ..." as in training, the letter read by rewards.parse_answer (the training reward's
+parser), an unparsed answer counted wrong. "reference" repeats the reference evaluation that produced
+Table 1 (tinyllava/eval/eval_<bench>.py and scripts/eval/<bench>.sh of ZhangXJ199/TinyLLaVA-Video-R1):
+each benchmark's own prompt, character for character; greedy on MVBench (its script passes
+temperature 0), elsewhere sampling at T = 1, top-k 50; 1,024 new tokens; its parsers, which read
+"(B)" and lower-case letters and guess a random letter (seeded per item) when they find none; MVBench's
+start/end bounds applied only to its frame-folder task. Average over --seeds N. Reason mode only: the
+release evaluates nothing else. A missing or undecodable video is reported, counted and left out of
+the accuracy in both (the reference stops).
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +35,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,10 +52,12 @@ class Item:
     id: str             # unique within the benchmark
     task: str           # per-task accuracy (MVBench task, Video-MME duration, shapes question type...)
     video: str          # path of the clip or frame folder
-    problem: str        # question + "\nOptions:\nA. ..." lines
+    problem: str        # question + "\nOptions:\nA. ..." lines (protocol "ours")
     answer: str         # label letter
     start: float | None = None  # seconds (MVBench)
     end: float | None = None
+    options: dict = field(default_factory=dict)  # letter -> option text, in the prompt's order
+    reference: str = ""  # the reference eval's question with its options (protocol "reference")
 
 
 # -----------------------------------------------------------------------------
@@ -63,10 +71,22 @@ def _json(path):
 
 
 def _letter_of(answer_text, candidates, where):
-    """The letter of an answer given as option TEXT. Raises ValueError naming the item if absent."""
+    """The letter of an answer given as option TEXT. Raises UserError naming the item if absent."""
     if answer_text not in candidates:
         raise data.UserError(f"{where}: answer {answer_text!r} is not among its options {candidates}")
     return data.LETTERS[candidates.index(answer_text)]
+
+
+def _bracketed(question, candidates):
+    """The reference's MVBench and MLVU question: 'Q\n(A) c1\n(B) c2', right-stripped (qa_template)."""
+    return (question + "\n" + "".join(f"({data.LETTERS[i]}) {c}\n" for i, c in enumerate(candidates))).rstrip()
+
+
+def _from_candidates(id, task, video, rec, where, **bounds):
+    """An Item of MVBench or MLVU, whose records list option texts and give the answer as a text."""
+    c = rec["candidates"]
+    return Item(id, task, video, data.format_options(rec["question"], c), _letter_of(rec["answer"], c, where),
+                options=dict(zip(data.LETTERS, c)), reference=_bracketed(rec["question"], c), **bounds)
 
 
 # MVBench's video folders, per task (from its official loader); a video found directly under
@@ -90,11 +110,10 @@ def load_mvbench(root):
     for f in sorted((root / "json").glob("*.json")):
         task = f.stem
         for i, rec in enumerate(_json(f)):
-            where = f"{f}: item {i}"
             flat, nested = root / "video" / rec["video"], root / "video" / MVBENCH_PREFIX.get(task, "") / rec["video"]
-            items.append(Item(f"{task}/{i}", task, str(flat if flat.exists() else nested),
-                              data.format_options(rec["question"], rec["candidates"]),
-                              _letter_of(rec["answer"], rec["candidates"], where), rec.get("start"), rec.get("end")))
+            video = str(flat if flat.exists() else nested)
+            items.append(_from_candidates(f"{task}/{i}", task, video, rec, f"{f}: item {i}",
+                                          start=rec.get("start"), end=rec.get("end")))
     return items
 
 
@@ -111,13 +130,15 @@ def load_videomme(root):
             rows += pq.read_table(f).to_pylist()
     items = []
     for r in rows:
-        letters = "".join(o.strip()[0] for o in r["options"])
-        if r["answer"] not in letters:
+        options = {o.strip()[0]: o.strip()[3:] for o in r["options"]}   # "A. text"
+        if r["answer"] not in options:
             raise data.UserError(f"Video-MME {r['question_id']}: answer {r['answer']!r} not among options {r['options']}")
         problem = r["question"] + "\nOptions:\n" + "\n".join(o.strip() for o in r["options"])
         found = [root / "data" / f"{r['videoID']}{x}" for x in (".mp4", ".MP4", ".mkv")]  # lmms-eval's
         video = next((v for v in found if v.exists()), found[0])  # a missing clip is reported, not skipped
-        items.append(Item(r["question_id"], r["duration"], str(video), problem, r["answer"]))
+        reference = r["question"] + "\nOptions:\n" + "\n".join(r["options"])  # options as stored, unstripped
+        items.append(Item(r["question_id"], r["duration"], str(video), problem, r["answer"], options=options,
+                          reference=reference))
     return items
 
 
@@ -130,30 +151,37 @@ def load_mlvu(root):
         if records and "candidates" not in records[0]:
             continue
         for i, rec in enumerate(records):
-            items.append(Item(f"{f.stem}/{i}", f.stem, str(root / "video" / f.stem / rec["video"]),
-                              data.format_options(rec["question"], rec["candidates"]),
-                              _letter_of(rec["answer"], rec["candidates"], f"{f}: item {i}")))
+            items.append(_from_candidates(f"{f.stem}/{i}", f.stem, str(root / "video" / f.stem / rec["video"]),
+                                          rec, f"{f}: item {i}"))
     return items
 
 
 def load_mmvu(root):
+    """MMVU's validation.json, multiple-choice items only (the paper's MMVU (mc)). Its choices are kept in
+    the file's order, as the reference writes them ("A. text" lines, no "Options:" header)."""
     root, items = Path(root), []
     for rec in _json(root / "validation.json"):
         if rec["question_type"] != "multiple-choice":
-            continue  # only the 625 multiple-choice items count (the paper's MMVU (mc))
-        letters = sorted(rec["choices"])
-        if rec["answer"] not in letters:
-            raise data.UserError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {letters}")
+            continue
+        choices = rec["choices"]
+        if rec["answer"] not in choices:
+            raise data.UserError(f"MMVU {rec['id']}: answer {rec['answer']!r} not among choices {sorted(choices)}")
         video = rec["video"].split("videos/", 1)[-1]  # the release names URLs ending in videos/<subject>/<n>.mp4
-        problem = rec["question"] + "\nOptions:\n" + "\n".join(f"{k}. {rec['choices'][k]}" for k in letters)
-        items.append(Item(str(rec["id"]), "mc", str(root / "videos" / video), problem, rec["answer"]))
+        lines = "\n".join(f"{k}. {v}" for k, v in choices.items())
+        items.append(Item(str(rec["id"]), "mc", str(root / "videos" / video), rec["question"] + "\nOptions:\n" + lines,
+                          rec["answer"], options=dict(choices), reference=rec["question"] + "\n" + lines))
     return items
+
+
+OPTION_TEXT = re.compile(data.OPTION_LINE.pattern + r"(.+)$", re.MULTILINE)
 
 
 def load_jsonl(path):
     items = []
     for i, s in enumerate(data.read_nextqa_jsonl(path)):  # the reader checks each label against its options
-        items.append(Item(str(i), data.shapes_qtype(s.question), str(s.video), s.question, s.answer))
+        options = {a or b: text for a, b, text in OPTION_TEXT.findall(s.question)}
+        items.append(Item(str(i), data.shapes_qtype(s.question), str(s.video), s.question, s.answer,
+                          options=options, reference=s.question))
     return items
 
 
@@ -163,27 +191,83 @@ LOADERS = {"mvbench": load_mvbench, "videomme": load_videomme, "mlvu": load_mlvu
 # -----------------------------------------------------------------------------
 # Scoring
 
-def prompt_for(item, mode, reason_sep="\n"):
-    """The full prompt text of an item in an answer mode (data.chat_prompt, data.build_question)."""
-    sep = reason_sep if mode == "reason" else "\n"
-    return data.chat_prompt(data.build_question(item.problem, mode, sep))
+def prompt_for(item, mode, reason_sep="\n", protocol="ours"):
+    """The full prompt text of an item (data.chat_prompt, data.build_question). Protocol "ours": the
+    problem with "Options:" lines, the suffix joined by `reason_sep` in Reason mode. "reference": the
+    reference eval's question (Item.reference), the Reason suffix joined by a newline."""
+    if protocol == "reference":
+        return data.chat_prompt(data.build_question(item.reference, "reason", "\n"))
+    return data.chat_prompt(data.build_question(item.problem, mode, reason_sep if mode == "reason" else "\n"))
 
 
-def judge(item, completion, mode, guess_unparsed=False, rng=None):
-    """Score one completion. Returns (prediction letter or None, correct bool, parsed bool)."""
-    letters = data.option_letters(item.problem)
-    pred = rewards.parse_answer(completion, letters, tagged=(mode == "reason"))
-    parsed = pred is not None
-    if pred is None and guess_unparsed:
-        pred = rng.choice(letters)  # the reference's behaviour, on request
+GUESS = "guess"  # what a reference parser returns where the reference picks a random letter
+ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>")  # the reference's: no DOTALL, so on one line
+
+
+def reference_answer(completion, letters):
+    """The letter that eval_videomme.py, eval_mlvu.py and eval_mmvu.py (parse_multi_choice_response) read:
+    the first character inside the answer tag if it is an option letter in either case ("b. ..." -> B),
+    else the first option written "(C)" or "(c)" inside it, else GUESS. No tag: GUESS. An empty tag:
+    None (the reference's function falls off its end, which never equals the label).
+    letters: the item's option letters, in order. Returns a letter, None or GUESS."""
+    m = ANSWER_TAG.search(completion)
+    if m is None:
+        return GUESS
+    text = m.group(1).strip()
+    if not text:
+        return None
+    if text[0] in letters or text[0] in letters.lower():
+        return text[0].upper()
+    return next((c for c in letters if f"({c})" in text or f"({c.lower()})" in text), GUESS)
+
+
+def reference_answer_mvbench(completion, options):
+    """The letter that eval_mvbench.py (parse_multi_choice_response, MMMU's parser) reads: the text inside
+    the answer tag (the whole completion when there is none), stripped of the characters ,.!?;:' one after
+    another; its first character if it is an upper-case option letter; else the options written "(B)", else
+    those written " B ", else (over 5 words) those whose option text it contains, case-blind; the last one
+    in the text when several; GUESS when none. options: {letter: option text}. Returns a letter or GUESS."""
+    m = ANSWER_TAG.search(completion)
+    text = m.group(1).strip() if m else completion
+    for c in ",.!?;:'":
+        text = text.strip(c)
+    if text and text[0] in options:
+        return text[0]
+    text = f" {text} "
+    for mark in ("({})", " {} "):
+        found = [c for c in options if mark.format(c) in text]
+        if found:
+            return max(found, key=lambda c: text.rfind(mark.format(c)))  # max keeps the first of ties
+    if len(text.split()) > 5:
+        found = [c for c in options if options[c].lower() in text.lower()]
+        if found:
+            return max(found, key=lambda c: text.lower().rfind(options[c].lower()))
+    return GUESS
+
+
+def judge(item, completion, mode, protocol="ours", bench="jsonl", seed=0):
+    """Score one completion. Protocol "ours": rewards.parse_answer (tags in Reason mode); unparsed is
+    wrong. "reference": the reference's parser for `bench`, its random guess drawn from a generator seeded
+    with (seed, item id), so it does not depend on ranks or batches.
+    Returns (prediction letter or None, correct bool, parsed bool: read without a guess)."""
+    letters = "".join(item.options) or data.option_letters(item.problem)
+    if protocol == "ours":
+        pred = rewards.parse_answer(completion, letters, tagged=(mode == "reason"))
+        return pred, pred == item.answer, pred is not None
+    pred = (reference_answer_mvbench(completion, item.options) if bench == "mvbench"
+            else reference_answer(completion, letters))
+    parsed = pred != GUESS
+    if not parsed:
+        pred = random.Random(f"{seed}/{item.id}").choice(letters)
     return pred, pred == item.answer, parsed
 
 
-def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep="\n", guess_unparsed=False,
-             seed=0, rank=0, world=1, log=print, batch_size=8):
+def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep="\n", protocol="ours",
+             bench="jsonl", seed=0, rank=0, world=1, log=print, batch_size=8):
     """Run `policy` on this rank's share of the items, `batch_size` items at a time, appending one
     JSON line per item to `<out_path>.rank<r>.jsonl` (items already there are skipped, so a run
     resumes). An item whose video cannot be read gets a row with its error; it is not retried.
+    Prompts and scoring follow `protocol` (prompt_for, judge).
 
     policy(pixels list of float (T, 3, S, S), prompts list of str, keys list of int) -> completions
     list of str; keys are the items' indices in `items` (what seeds a sampled completion).
@@ -192,12 +276,12 @@ def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep=
     part = Path(f"{out_path}.rank{rank}.jsonl")
     done = {json.loads(l)["id"] for l in part.read_text().splitlines()} if part.exists() else set()
     mine = [(k, it) for k, it in enumerate(items) if k % world == rank and it.id not in done]
-    rng = random.Random(seed * 1000 + rank)
+    prompt = lambda it: prompt_for(it, mode, reason_sep, protocol)
+    score = lambda it, completion: judge(it, completion, mode, protocol, bench, seed)
     t0, log_every = time.time(), max(1, 20 // batch_size)   # a log line about every 20 items
     with open(part, "a") as f:
         for b, n in enumerate(range(0, len(mine), batch_size), 1):
-            for row in _evaluate_batch(mine[n:n + batch_size], policy, mode, num_frames, size, reason_sep,
-                                       guess_unparsed, rng, rank, log):
+            for row in _evaluate_batch(mine[n:n + batch_size], policy, prompt, score, num_frames, size, rank, log):
                 f.write(json.dumps(row) + "\n")
             f.flush()
             m = min(n + batch_size, len(mine))
@@ -207,7 +291,7 @@ def evaluate(items, policy, mode, out_path, num_frames=16, size=384, reason_sep=
     return len(mine)
 
 
-def _evaluate_batch(batch, policy, mode, num_frames, size, reason_sep, guess_unparsed, rng, rank, log):
+def _evaluate_batch(batch, policy, prompt, score, num_frames, size, rank, log):
     """The result rows of a batch of (index, item), in order: the clips that load are answered in
     one policy call, the others get their error."""
     rows, loaded = [], []
@@ -220,9 +304,9 @@ def _evaluate_batch(batch, policy, mode, num_frames, size, reason_sep, guess_unp
             log(f"[rank {rank}] video error, item {it.id}: {e}")
     if loaded:
         keys, its, out, pixels = zip(*loaded)
-        completions = policy(list(pixels), [prompt_for(it, mode, reason_sep) for it in its], list(keys))
+        completions = policy(list(pixels), [prompt(it) for it in its], list(keys))
         for it, row, completion in zip(its, out, completions):
-            pred, correct, parsed = judge(it, completion, mode, guess_unparsed, rng)
+            pred, correct, parsed = score(it, completion)
             row.update(prediction=pred, correct=correct, parsed=parsed, completion=completion)
     return rows
 
@@ -236,13 +320,12 @@ def summarize(bench, rows):
         by_task[r["task"]].append(r["correct"])
     tasks = {t: 100.0 * sum(v) / len(v) for t, v in sorted(by_task.items())}
     overall = 100.0 * sum(r["correct"] for r in scored) / max(1, len(scored))
-    score = sum(tasks.values()) / max(1, len(tasks)) if bench in ("mvbench", "mlvu") else overall
+    score = sum(tasks.values()) / max(1, len(tasks)) if bench == "mlvu" else overall  # MLVU: M-Avg
     return {"bench": bench, "score": score, "overall": overall, "tasks": tasks, "n": len(scored),
             "unparsed": sum(not r["parsed"] for r in scored), "video_errors": len(rows) - len(scored)}
 
 
 STATED = re.compile(r"So the answer is (.+?), which is option")  # the closing sentence of data.explain
-OPTION_TEXT = re.compile(data.OPTION_LINE.pattern + r"(.+)$", re.MULTILINE)
 
 
 def stated_answer(completion, problem):
@@ -257,7 +340,7 @@ def stated_answer(completion, problem):
     m = STATED.search(think) if "<think>" in think else None
     if m is None:
         return None
-    options = {text: letter for letter, text in OPTION_TEXT.findall(problem)}
+    options = {text: a or b for a, b, text in OPTION_TEXT.findall(problem)}
     return options.get(m.group(1).strip())
 
 
@@ -405,6 +488,8 @@ def parser():
     p.add_argument("--data-root", help="the benchmark's folder (default: data/<bench>, where data.py download "
                                        "puts it); jsonl: the file")
     p.add_argument("--mode", choices=["option", "reason"], default="reason", help="answer with the letter / think")
+    p.add_argument("--protocol", choices=["ours", "reference"], default="ours",
+                   help="ours: greedy, unparsed is wrong; reference: the reference evaluation (module docstring)")
     p.add_argument("--out", required=True, help="results JSON (and <out>.<key>.rank<r>.jsonl while running)")
     p.add_argument("--name", default=None, help="row name in tables (default: the model folder)")
     p.add_argument("--num-frames", type=int, default=16, help="frames per clip")
@@ -412,10 +497,10 @@ def parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0, help="sampling and --guess-unparsed")
+    p.add_argument("--seed", type=int, default=0, help="sampling, and the reference parser's guesses")
+    p.add_argument("--seeds", type=int, default=1, help="evaluate with seeds seed..seed+N-1 and average")
     p.add_argument("--reason-sep", choices=["newline", "space"], default="newline",
                    help="how the reason suffix joins the question: newline (reference eval) or space (RL training)")
-    p.add_argument("--guess-unparsed", action="store_true", help="the reference's random guess for unparsed answers")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (a quick look)")
     p.add_argument("--batch-size", type=int, default=8, help="items decoded together (per rank)")
     return p
@@ -427,6 +512,29 @@ def settings(**overrides):
     return parser().settings(**overrides)
 
 
+# The reference evaluation's decoding (scripts/eval/<bench>.sh and eval_<bench>.py): MVBench's script
+# passes --temperature 0, which turns sampling off; the others call generate(do_sample=True) with
+# transformers' defaults, T = 1 and top-k 50. All allow 1,024 new tokens.
+REFERENCE_DECODING = {"mvbench": dict(temperature=0.0, top_k=0)}
+REFERENCE_SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=1024, reason_sep="newline")
+
+# Table 1 of the paper (16 frames), printed beside a result.
+PAPER = {"mvbench": (49.0, 33.2, 49.5), "videomme": (42.2, 26.6, 46.6), "mlvu": (49.2, 28.6, 52.4),
+         "mmvu": (46.1, 22.7, 46.9)}
+
+
+def protocol_settings(args):
+    """args with the reference protocol's decoding filled in (REFERENCE_*), and the items' loader
+    hook: under it MVBench's start/end bounds apply to frame folders only, as its loader does.
+    Raises UserError for --protocol reference in Option mode."""
+    if args.protocol == "ours":
+        return args
+    if args.mode != "reason":
+        raise data.UserError("--protocol reference evaluates Reason mode only: the reference release has no "
+                             "Option-mode evaluation (its line for it is commented out)")
+    return argparse.Namespace(**{**vars(args), **REFERENCE_SAMPLING, **REFERENCE_DECODING.get(args.bench, {})})
+
+
 def cache_key(args):
     """What the partial results depend on: the checkpoint (its folder, and the size and time of its
     weight files, so a checkpoint written again is evaluated again) and every setting that changes an
@@ -435,17 +543,15 @@ def cache_key(args):
     weights = sorted(folder.glob("*.safetensors*")) if folder.is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
     model_id = str(folder.resolve()) if folder.is_dir() else str(args.model)
-    answers = {k: v for k, v in vars(args).items() if k not in ("model", "out", "name", "batch_size")}
+    answers = {k: v for k, v in vars(args).items() if k not in ("model", "out", "name", "batch_size", "seeds")}
     text = json.dumps([model_id, stamp, answers], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run(args):
-    """Evaluate args.model on args.bench; items are sharded over torchrun's ranks and gathered on rank 0,
-    which writes args.out and prints the tables. Partial results (<out>.<cache_key>.rank<r>.jsonl) are
-    reused only by the same checkpoint with the same settings. Returns the result dict on rank 0, else
-    None. Raises UserError when the benchmark's folder holds no item."""
-    rank, world, device = dist_init()
+def load_items(args):
+    """The benchmark's items (LOADERS), cut to --limit; under the reference protocol MVBench's bounds are
+    dropped for video files (its loader applies them to the frame-folder task only).
+    Raises UserError when the folder holds no item."""
     if args.data_root is None:
         if args.bench == "jsonl":
             raise data.UserError("--bench jsonl needs --data-root: the jsonl file")
@@ -454,30 +560,58 @@ def run(args):
     if not items:
         raise data.UserError(f"{args.data_root}: no {args.bench} items there (is --data-root the benchmark's "
                              f"folder, in its released layout?)")
-    items = items[:args.limit] if args.limit else items
-    part = f"{args.out}.{cache_key(args)}"
+    if args.protocol == "reference":
+        items = [it if Path(it.video).is_dir() else dataclasses.replace(it, start=None, end=None) for it in items]
+    return items[:args.limit] if args.limit else items
+
+
+def run(args):
+    """Evaluate args.model on args.bench, once per seed (--seeds); items are sharded over torchrun's ranks
+    and gathered on rank 0, which writes args.out (the seeds' mean score, each seed's summary, the first
+    seed's items) and prints the tables. Partial results (<out>.<cache_key>.rank<r>.jsonl) are reused
+    only by the same checkpoint with the same settings and seed. Returns the result dict on rank 0, else
+    None. Raises UserError when the benchmark's folder holds no item."""
+    rank, world, device = dist_init()
+    args = protocol_settings(args)
+    items = load_items(args)
     model, tok = M.from_pretrained(args.model, device=device)
     model.eval()
-    policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          args.seed)
-    print0(f"{args.bench}: {len(items)} items, {args.mode} mode, {world} rank(s)")
-    evaluate(items, policy, args.mode, part, args.num_frames, model.cfg.image_size,
-             "\n" if args.reason_sep == "newline" else " ", args.guess_unparsed, args.seed, rank, world, print0,
-             args.batch_size)
-    result = None
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        rows = [json.loads(l) for r in range(world) for l in Path(f"{part}.rank{r}.jsonl").read_text().splitlines()]
-        summary = summarize(args.bench, rows)
-        name = args.name or Path(str(args.model)).name
-        result = {"name": name, "mode": args.mode, "model": str(args.model), "args": vars(args),
-                  "summary": summary, "items": rows}
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(task_table(summary))
-        print(table([result]))
+    print0(f"{args.bench}: {len(items)} items, {args.mode} mode, protocol {args.protocol}, {world} rank(s)")
+    per_seed = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        one = argparse.Namespace(**{**vars(args), "seed": seed})
+        part = f"{args.out}.{cache_key(one)}"
+        policy = model_policy(model, tok, args.mode, args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, seed)
+        evaluate(items, policy, args.mode, part, args.num_frames, model.cfg.image_size,
+                 "\n" if args.reason_sep == "newline" else " ", args.protocol, args.bench, seed, rank, world,
+                 print0, args.batch_size)
+        if world > 1:
+            dist.barrier()
+        per_seed.append([json.loads(l) for r in range(world) for l in Path(f"{part}.rank{r}.jsonl").read_text().splitlines()])
+    result = _write_result(args, per_seed) if rank == 0 else None
     if dist.is_initialized():
         dist.destroy_process_group()
+    return result
+
+
+def _write_result(args, per_seed):
+    summaries = [summarize(args.bench, rows) for rows in per_seed]
+    mean = lambda xs: sum(xs) / len(xs)
+    summary = dict(summaries[0], score=mean([s["score"] for s in summaries]),
+                   overall=mean([s["overall"] for s in summaries]),
+                   tasks={t: mean([s["tasks"][t] for s in summaries]) for t in summaries[0]["tasks"]})
+    result = {"name": args.name or Path(str(args.model)).name, "mode": args.mode, "model": str(args.model),
+              "args": vars(args), "summary": summary, "seeds": summaries, "items": per_seed[0]}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(task_table(summary))
+    if len(summaries) > 1:
+        scores = ", ".join(f"{s['score']:.1f}" for s in summaries)
+        print(f"score per seed: {scores}; mean {summary['score']:.1f} (the table's accuracies are means too)")
+    if args.bench in PAPER:
+        sft, cold, r1 = PAPER[args.bench]
+        print(f"paper (Table 1): SFT (Option) {sft}, ColdStart (Reason) {cold}, R1 (Reason) {r1}")
+    print(table([result]))
     return result
 
 

@@ -99,8 +99,9 @@ def test_frame_folder_numeric_order(tmp_path):
     got = data.load_video(folder, 4)
     singles = [data._decode_image(folder / f"img_{i + 1}.jpg") for i in (0, 3, 7, 11)]  # linspace(0,11,4)
     np.testing.assert_array_equal(got, np.stack(singles))
-    # bounds at 3 fps: 1.0 s .. 2.0 s are frames 3..6; linspace(0, 3, 3) -> 0, 1, 3 -> frames 3, 4, 6
-    bounded = [data._decode_image(folder / f"img_{i + 1}.jpg") for i in (3, 4, 6)]
+    # bounds at 3 fps, frame n at n / 3 s: 1.0 s .. 2.0 s are img_3..img_6; linspace(0, 3, 3) -> 0, 1, 3
+    # -> img_3, img_4, img_6
+    bounded = [data._decode_image(folder / f"img_{n}.jpg") for n in (3, 4, 6)]
     np.testing.assert_array_equal(data.load_video(folder, 3, start=1.0, end=2.0), np.stack(bounded))
     # jpg is lossy, but each picked frame must be closest to its own source frame
     for k, i in enumerate((0, 3, 7, 11)):

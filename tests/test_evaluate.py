@@ -34,10 +34,11 @@ def reason(letter):
     return f"<think>I looked.</think> <answer>{letter}</answer>"
 
 
-def run(items, answers, tmp_path, mode="reason", bench="x", **kw):
-    out = tmp_path / f"{bench}.json"
-    E.evaluate(items, stub(answers), mode, out, num_frames=4, size=8, log=lambda *a: None, **kw)
-    rows = [json.loads(l) for l in (tmp_path / f"{bench}.json.rank0.jsonl").read_text().splitlines()]
+def run(items, answers, tmp_path, mode="reason", bench="x", protocol="ours", **kw):
+    out = tmp_path / f"{bench}.{protocol}.json"
+    E.evaluate(items, stub(answers), mode, out, num_frames=4, size=8, log=lambda *a: None, protocol=protocol,
+               bench=bench, **kw)
+    rows = [json.loads(l) for l in Path(f"{out}.rank0.jsonl").read_text().splitlines()]
     return E.summarize(bench, rows), rows
 
 
@@ -67,7 +68,7 @@ def test_mvbench(tmp_path):
     s, rows = run(items, {"K1": reason("B"), "K2": reason("B"), "K3": reason("D"), "K4": reason("B")}, tmp_path, bench="mvbench")
     # action_sequence: 2 of 3; episodic_reasoning: 1 of 1; MVBench = mean of the task accuracies
     assert s["tasks"] == pytest.approx({"action_sequence": 200 / 3, "episodic_reasoning": 100.0})
-    assert s["score"] == pytest.approx((200 / 3 + 100) / 2) and s["overall"] == pytest.approx(75.0)
+    assert s["score"] == s["overall"] == pytest.approx(75.0)   # Avg: over all items, as the reference
     (root / "json/bad.json").write_text(json.dumps([{"video": "b.mp4", "question": "K9", "candidates": ["x"], "answer": "nope"}]))
     with pytest.raises(ValueError, match=r"bad.json: item 0: answer 'nope'"):
         E.load_mvbench(root)
@@ -133,12 +134,15 @@ def test_unparsed_guess_option_resume_and_sharding(tmp_path):
     answers = {f"K{i}": reason("A") if i <= 3 else "garbage" for i in range(1, 7)}
     s, _ = run(items, answers, tmp_path, bench="a")
     assert s["score"] == 50.0 and s["unparsed"] == 3
-    s, rows = run(items, answers, tmp_path, bench="g", guess_unparsed=True, seed=0)
+    s, rows = run(items, answers, tmp_path, bench="a", protocol="reference", seed=0)
     guessed = [r for r in rows if not r["parsed"]]
-    assert all(r["prediction"] in "AB" for r in guessed)
+    assert len(guessed) == 3 and all(r["prediction"] in "AB" for r in guessed)
     assert s["score"] == pytest.approx(100 * (3 + sum(r["correct"] for r in guessed)) / 6)
+    # each guess is seeded by (seed, item id): the same in another run, rank or batch
+    assert [E.judge(items[k], "garbage", "reason", "reference", "a", 0)[0] for k in range(3, 6)] == \
+        [r["prediction"] for r in guessed]
     # resume: a second call finds every item done
-    assert E.evaluate(items, stub(answers), "reason", tmp_path / "a.json", 4, 8, log=lambda *a: None) == 0
+    assert E.evaluate(items, stub(answers), "reason", tmp_path / "a.ours.json", 4, 8, log=lambda *a: None) == 0
     # two ranks: disjoint shares that together cover every item once
     for r in (0, 1):
         E.evaluate(items, stub(answers), "reason", tmp_path / "sh.json", 4, 8, rank=r, world=2, log=lambda *a: None)
