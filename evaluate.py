@@ -436,12 +436,21 @@ def shapes_report(results, test_file):
     return comparisons
 
 
+CURVES = {"grpo": ["completions/mean_length", "rewards/accuracy/mean", "rewards/format/mean", "reward", "kl",
+                   "entropy"],                              # Figure 4's three first
+          "sft": ["loss", "grad_norm", "lr"]}
+
+
 def write_curves(run):
-    """Figure 4's curves from a GRPO run's metrics.jsonl: curves.csv always, curves.png with matplotlib."""
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    keys = ["step", "completion_length", "rewards/accuracy", "rewards/format", "reward", "kl", "well_formed",
-            "think_length", "rewards/temporal"]
-    # "" where a run did not log a key: rewards/temporal without --tgrpo
+    """A run's curves from its metrics.jsonl (`python train.py plot RUN`): curves.csv with every number
+    logged (a column per key; empty where a step did not log it), and with matplotlib curves.png, one
+    panel per key of CURVES (a GRPO run: Figure 4's completion length, accuracy and format rewards, then
+    reward, kl and entropy; an SFT run: loss, grad_norm, lr). Returns the CSV's path.
+    Raises UserError when the folder holds no metrics.jsonl rows."""
+    run = Path(run)
+    path = run / "metrics.jsonl"
+    rows = [json.loads(l) for l in data.read_text(path).splitlines() if l.strip()]
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float))))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     (run / "curves.csv").write_text("\n".join(lines) + "\n")
     try:
@@ -449,14 +458,25 @@ def write_curves(run):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, k in zip(axes, keys[1:4]):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], lw=0.8)
+        return run / "curves.csv"
+    panels = [k for k in CURVES["grpo" if "reward" in keys else "sft"] if k in keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], panels):
+        ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r], lw=0.8)
         ax.set_title(k)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(run / "curves.png", dpi=120)
+    plt.close(fig)
+    return run / "curves.csv"
+
+
+def plot(runs):
+    """`python train.py plot RUN [RUN ...]`: write_curves for each run folder, printing what it wrote."""
+    if not runs:
+        raise data.UserError("usage: python train.py plot RUN [RUN ...] (a run folder with metrics.jsonl)")
+    for run in runs:
+        print(write_curves(run), "and curves.png" if (Path(run) / "curves.png").exists() else "")
 
 
 # -----------------------------------------------------------------------------

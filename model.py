@@ -299,12 +299,13 @@ class TinyLlavaVideo(nn.Module):
             labels = torch.stack([F.pad(l, (0, n - l.shape[0]), value=IGNORE_INDEX) for l in label_rows])
         return embeds, mask, labels
 
-    def completion_logprobs(self, prompt_ids, video_embeds, completion_ids):
+    def completion_logprobs(self, prompt_ids, video_embeds, completion_ids, entropy=False):
         """Per-token log-probs of G completions of one prompt, in one batched forward. Gradient flows
         when called outside no_grad. (A method, so FSDP can gather the parameters around it.)
 
         Args: prompt_ids long (P,) with one -200; video_embeds (Q, D); completion_ids long (G, L).
-        Returns: float32 (G, L): log pi(o_t | prompt, video, o_<t).
+        Returns: float32 (G, L): log pi(o_t | prompt, video, o_<t); with entropy=True also the entropy
+            (nats, float32 (G, L), no gradient) of pi(. | prompt, video, o_<t) at each position.
         """
         G, L = completion_ids.shape
         ids = torch.cat([prompt_ids.to(completion_ids.device).expand(G, -1), completion_ids], 1)
@@ -312,7 +313,13 @@ class TinyLlavaVideo(nn.Module):
         # Only the last L + 1 positions' logits: the one before o_1 predicts o_1, the very last nothing.
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=L + 1).logits
         logits = logits[:, :-1].float()                                     # (G, L, V)
-        return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+        lse = logits.logsumexp(-1)
+        logp = logits.gather(-1, completion_ids[..., None]).squeeze(-1) - lse
+        if not entropy:
+            return logp
+        with torch.no_grad():  # H = lse - sum_v p_v z_v, one row at a time to bound the (L, V) temporaries
+            mean_z = torch.stack([(row.softmax(-1) * row).sum(-1) for row in logits])
+        return logp, lse.detach() - mean_z
 
     def forward(self, input_ids, attention_mask, video_embeds, labels=None):
         """Logits of a batch of prompts+answers. Returns (logits (B, L', V), labels (B, L') or None):
@@ -510,16 +517,16 @@ def _write_folder(tmp, model, tokenizer, dtype, max_shard_bytes, state, extra):
 
 def claim_run_folder(out, start, resume, overwrite):
     """A run folder belongs to one run. A new run refuses a folder that holds anything (--overwrite
-    empties it first); a resumed run keeps metrics.jsonl's rows up to the checkpoint's step (the steps
-    after it run again). Temporary folders of saves that were killed midway are removed.
-    Raises UserError naming the folder and the ways out."""
+    empties it first); a resumed run keeps the rows of metrics.jsonl and completions.jsonl up to the
+    checkpoint's step (the steps after it run again). Temporary folders of saves that were killed
+    midway are removed. Raises UserError naming the folder and the ways out."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_saves(out)
-    metrics = out / "metrics.jsonl"
     if resume:
-        if metrics.exists():
-            rows = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= start]
-            metrics.write_text("".join(r + "\n" for r in rows))
+        for log in (out / "metrics.jsonl", out / "completions.jsonl"):
+            if log.exists():
+                rows = [l for l in log.read_text().splitlines() if json.loads(l)["step"] <= start]
+                log.write_text("".join(r + "\n" for r in rows))
     elif any(out.iterdir()):
         if not overwrite:
             held = ", ".join(sorted(p.name for p in out.iterdir())[:5])

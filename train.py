@@ -4,7 +4,11 @@ Train TinyLLaVA-Video-R1 (paper s4.1): cold-start SFT, then GRPO with the rule r
     python data.py download --what train   # the released training data, into data/train/
     python train.py --stage sft             # the cold start from the released base model -> runs/coldstart
     torchrun --nproc_per_node 8 train.py    # GRPO from the released cold start, 8 GPUs x 1 prompt -> runs/r1
+    python train.py plot runs/r1            # curves.csv (+ curves.png with matplotlib) from metrics.jsonl
     python train.py shapes                  # the whole pipeline on the synthetic shapes task, CPU, minutes
+
+Logs: metrics.jsonl, a row a step under TRL's GRPOTrainer names (grpo_log_row), and every
+--sample-every steps all the step's completions with their rewards in completions.jsonl.
 
 Read top to bottom. A GRPO step runs each prompt's frozen vision tower once, samples G = 8 completions
 with the unwrapped model, scores them (rewards.py), turns rewards into group advantages (grpo.py, eq. 2)
@@ -107,7 +111,8 @@ def parser():
     g.add_argument("--fsdp", action="store_true", help="shard params, grads and optimizer state (FSDP2)")
     g.add_argument("--seed", type=int, default=0, help="data order, sampling, noise, a new model's init")
     g = p.add_argument_group("logs and checkpoints")
-    g.add_argument("--sample-every", type=int, default=10, help="print one completion every N steps")
+    g.add_argument("--sample-every", type=int, default=10, help="every N steps: print one completion, "
+                   "save all to completions.jsonl")
     g.add_argument("--save-every", type=int, default=100, help="a resumable checkpoint every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="resumable step-* checkpoints kept (0: all)")
     g.add_argument("--video-gain-every", type=int, default=25,
@@ -267,11 +272,12 @@ def backward(model, group, n_sequences, micro_batch, loss_kw, device):
         sl = slice(lo, lo + micro_batch)
         with autocast(device):
             video = model.connect([group["feats"]])[0]                         # (Q, D), with grad
-            logp = model.completion_logprobs(group["prompt"], video, group["ids"][sl])
+            logp, entropy = model.completion_logprobs(group["prompt"], video, group["ids"][sl], entropy=True)
         old = logp.detach() if group["old_logp"] is None else group["old_logp"][sl]
         ref = None if group["ref_logp"] is None else group["ref_logp"][sl]
-        loss, m = grpo.grpo_loss(logp, old, ref, group["adv"][sl], group["mask"][sl],
-                                 num_sequences=n_sequences, **loss_kw)
+        mask = group["mask"][sl]
+        loss, m = grpo.grpo_loss(logp, old, ref, group["adv"][sl], mask, num_sequences=n_sequences, **loss_kw)
+        m["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))  # per completion token
         (loss * group["weight"]).backward()
         total += loss.item() * group["weight"]
         stats.append(m)
@@ -331,9 +337,10 @@ def make_groups(model, ref_model, tok, samples, pixels, keys, args, device):
         group.update(ids=ids, mask=mask, adv=adv.to(device), weight=1.0, ref_logp=ref, old_logp=old)
         group["metrics"] = dict(reward=total.tolist(), acc=acc.tolist(), fmt=fmt.tolist(),
                                 length=mask.sum(1).float().tolist(), bonus=bonus.tolist(),
+                                clipped=(~((ids == eos) & mask.bool()).any(1)).tolist(),
                                 well_formed=(fmt > 0).tolist(),  # FR > 0 exactly when the format rule holds
                                 think_chars=[rewards.think_length(t) for t in texts],
-                                text=texts[0], text_reward=float(total[0]), answer=sample.answer)
+                                texts=texts, answer=sample.answer)
         groups.append(group)
     return groups
 
@@ -364,28 +371,52 @@ def grpo_step(model, ref_model, tok, samples, pixels, keys, args, device, update
 
 
 def grpo_log_row(metrics, stats, sec_rollout, tgrpo, device):
-    """The step's means over all ranks' completions (None in `metrics` = a skipped prompt). think_length:
-    Len of eq. (3) in characters, over the well-formed completions only. rewards/temporal (with T-GRPO):
-    the mean bonus per completion, alpha x the fraction that earned it."""
+    """The step's means over all ranks' completions (None in `metrics` = a skipped prompt), under TRL's
+    GRPOTrainer names: reward, reward_std (the mean over groups of each group's unbiased std),
+    frac_reward_zero_std (groups whose G rewards are equal: no advantage, no gradient but the KL's),
+    rewards/<part>/mean, completions/mean_length (tokens), completions/clipped_ratio (no eos within
+    --max-new-tokens), kl, clip_ratio, entropy (nats per completion token). Ours: well_formed (FR > 0),
+    think_length (Len of eq. 3, characters, well-formed completions only), rewards/temporal/mean (with
+    T-GRPO: alpha x the fraction that earned the bonus), skipped, sec_rollout."""
     ms = [m for m in metrics if m]
     flat = lambda k: [v for m in ms for v in m[k]]
     think = [c for c, ok in zip(flat("think_chars"), flat("well_formed")) if ok]
-    sums = all_sum([sum(flat("reward")), sum(x * x for x in flat("reward")), sum(flat("acc")),
-                    sum(flat("fmt")), sum(flat("length")), len(flat("reward")), sum(s["kl"] for s in stats),
-                    sum(s["clip_ratio"] for s in stats), len(stats), len(metrics) - len(ms), len(think),
-                    sum(think), sum(flat("bonus"))], device)
-    r_sum, r_sq, acc, fmt, length, n, kl, clip, n_stats, skipped, n_ok, think_sum, bonus = sums
-    n, n_stats = max(n, 1), max(n_stats, 1)
-    row = {"reward": r_sum / n, "reward_std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
-           "rewards/accuracy": acc / n, "rewards/format": fmt / n, "completion_length": length / n,
-           "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1),
-           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "skipped": int(skipped),
+    group_std = [torch.tensor(m["reward"]).std().item() for m in ms]
+    sums = all_sum([sum(flat("reward")), sum(flat("acc")), sum(flat("fmt")), sum(flat("length")),
+                    sum(flat("clipped")), len(flat("reward")), sum(group_std), sum(s == 0 for s in group_std),
+                    len(ms), sum(s["kl"] for s in stats), sum(s["clip_ratio"] for s in stats),
+                    sum(s["entropy"] for s in stats), len(stats), len(metrics) - len(ms), len(think), sum(think),
+                    sum(flat("bonus"))], device)
+    (r_sum, acc, fmt, length, clipped, n, std_sum, zero_std, n_groups, kl, clip, entropy, n_stats, skipped,
+     n_ok, think_sum, bonus) = sums
+    n, n_groups, n_stats = max(n, 1), max(n_groups, 1), max(n_stats, 1)
+    row = {"reward": r_sum / n, "reward_std": std_sum / n_groups, "frac_reward_zero_std": zero_std / n_groups,
+           "rewards/accuracy/mean": acc / n, "rewards/format/mean": fmt / n,
+           "completions/mean_length": length / n, "completions/clipped_ratio": clipped / n,
+           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "entropy": entropy / n_stats,
+           "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1), "skipped": int(skipped),
            "sec_rollout": sec_rollout}
     if tgrpo:
-        row["rewards/temporal"] = bonus / n
+        row["rewards/temporal/mean"] = bonus / n
     if ms:
-        row["sample"] = (ms[0]["text"], ms[0]["text_reward"], ms[0]["answer"])
+        row["sample"] = (ms[0]["texts"][0], ms[0]["reward"][0], ms[0]["answer"])
+    row["groups"] = metrics  # this rank's, for completions.jsonl
     return row
+
+
+def save_completions(path, step, prompt_ids, metrics):
+    """Append every completion of the step, from all ranks, to completions.jsonl (rank 0 writes): one
+    line per completion with the step, the prompt's id (its record's index in --data), the text and its
+    rewards (total of eq. 4, accuracy AR, format FR). metrics: this rank's groups (grpo_log_row)."""
+    rows = [dict(step=step, prompt_id=i, completion=t, reward=r, accuracy=a, format=f)
+            for i, m in zip(prompt_ids, metrics) if m for t, r, a, f in zip(m["texts"], m["reward"], m["acc"], m["fmt"])]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
+        rows = [r for part in parts for r in part]
+    if master_process():
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # -----------------------------------------------------------------------------
@@ -600,6 +631,9 @@ def train(args):
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         eta = (time.time() - t_start) / (step + 1 - start) * (total_steps - step - 1)
         show_sample = (step + 1) % args.sample_every == 0
+        if "groups" in row and show_sample:
+            save_completions(out / "completions.jsonl", step + 1, idx, row["groups"])
+        row.pop("groups", None)
         log_step(out / "metrics.jsonl", row, total_steps, eta, args.wandb, log, show_sample)
         stop = all_sum([len(interrupted)], device)[0] > 0  # one rank signalled: all save this step
         if (step + 1) % args.save_every == 0 or stop or step + 1 == total_steps:
@@ -627,13 +661,13 @@ def log_step(path, row, total, eta, wandb_project, log, show_sample):
             wandb.log(row, step=row["step"])
     r, parts = row, [f"step {row['step']:5d}/{total}"]
     if "reward" in r:  # GRPO
-        parts += [f"reward {r['reward']:+.3f} ± {r['reward_std']:.3f}", f"acc {r['rewards/accuracy']:.3f}",
-                  f"format {r['rewards/format']:.3f} (well-formed {r['well_formed']:.2f}, "
-                  f"think {r['think_length']:.0f} ch)", f"len {r['completion_length']:6.1f}",
-                  f"kl {r['kl']:.4f}", f"clip {r['clip_ratio']:.3f}"]
+        parts += [f"reward {r['reward']:+.3f} ± {r['reward_std']:.3f}", f"acc {r['rewards/accuracy/mean']:.3f}",
+                  f"format {r['rewards/format/mean']:.3f} (well-formed {r['well_formed']:.2f}, "
+                  f"think {r['think_length']:.0f} ch)", f"len {r['completions/mean_length']:6.1f}",
+                  f"kl {r['kl']:.4f}", f"clip {r['clip_ratio']:.3f}", f"entropy {r['entropy']:.2f}"]
     else:  # SFT
         parts += [f"loss {r['loss']:.4f}", f"tokens {r['tokens']}"]
-    optional = {"rewards/temporal": "temporal {:.3f}", "video_gain": "video gain {:.3f}"}
+    optional = {"rewards/temporal/mean": "temporal {:.3f}", "video_gain": "video gain {:.3f}"}
     parts += [form.format(r[k]) for k, form in optional.items() if k in r]
     rollout = f" (rollout {r['sec_rollout']:.2f} s)" if "sec_rollout" in r else ""
     parts += [f"lr {r['lr']:.2e}", f"{r['sec']:.2f} s/step{rollout}", f"eta {eta / 60:.1f} min"]
@@ -779,6 +813,9 @@ def shapes_pipeline(argv):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["shapes"]:
         data.cli(shapes_pipeline, sys.argv[2:])
+    elif sys.argv[1:2] == ["plot"]:  # python train.py plot RUN: RUN/curves.csv (+ curves.png with matplotlib)
+        import evaluate
+        data.cli(evaluate.plot, sys.argv[2:])
     else:
         data.cli(main)
         if "RANK" in os.environ:

@@ -182,6 +182,11 @@ def test_incremental_decoding_equals_full_forward(tiny, sharp):
         logits, _ = m(seq[None], torch.ones(1, len(seq)), video[None])
         step = logits[0, -13:-1].log_softmax(-1).gather(-1, ids[0, :, None]).squeeze(-1)
         torch.testing.assert_close(logp[0], step, atol=1e-5, rtol=1e-5)
+        # the entropy at each position, against torch.distributions on the step-by-step logits
+        logp2, entropy = m.completion_logprobs(prompt, video, ids, entropy=True)
+        want = torch.distributions.Categorical(logits=logits[0, -13:-1]).entropy()
+        torch.testing.assert_close(entropy[0], want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(logp2, logp) and entropy.shape == ids.shape
 
 
 def test_encode_videos_equals_one_video_at_a_time(tiny):

@@ -289,12 +289,18 @@ def test_the_paper_recipe_is_the_default(setup, tmp_path):
     for rec in cold:
         rec["video"] = f"./NextQA/NExTVideo/0/{int(rec['video'].split('_')[-1][:5])}.mp4"
     (train_dir / "nextqa-coldstart-16.json").write_text(json.dumps(cold))
-    r = command(["--stage", "sft", "--init", str(init), "--max-steps", "1"], cwd=tmp_path)
+    sharded = ["--fsdp", "--grad-checkpointing"]           # as the README runs them on 40 GB cards
+    r = command(["--stage", "sft", "--init", str(init), "--max-steps", "1"] + sharded, nproc=2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "runs/coldstart/final/train_state.pt", weights_only=False)["args"]
-    assert (state["lr"], state["schedule"], state["batch_size"]) == (1e-5, "constant", 4)
-    r = command(["--init", str(tmp_path / "runs/coldstart/final"), "--max-steps", "2", "--max-new-tokens", "16"],
-                nproc=2, cwd=tmp_path)
+    assert (state["lr"], state["schedule"], state["batch_size"]) == (1e-5, "constant", 2)  # 4 over 2 ranks
+    r = command(["--init", str(tmp_path / "runs/coldstart/final"), "--max-steps", "2", "--max-new-tokens", "16",
+                 "--sample-every", "2"] + sharded, nproc=2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(tmp_path / "runs/r1/final/train_state.pt", weights_only=False)["args"]
     assert (state["G"], state["lr"], state["beta"], state["data"]) == (8, 1e-6, 0.01, "data/train/nextqa_0-30s.jsonl")
+    saved = [json.loads(l) for l in (tmp_path / "runs/r1/completions.jsonl").read_text().splitlines()]
+    assert len(saved) == 2 * 8 and {c["step"] for c in saved} == {2}        # both ranks' prompts, G = 8 each
+    r = command(["plot", "runs/r1"], cwd=tmp_path)
+    assert r.returncode == 0 and "runs/r1/curves.csv" in r.stdout, r.stderr[-3000:]
+    assert "completions/mean_length" in (tmp_path / "runs/r1/curves.csv").read_text().splitlines()[0]

@@ -59,7 +59,9 @@ def test_two_ranks_equal_one_process_on_the_union_batch(setup, tmp_path, mode):
     for k in a:  # Adam's first step is about lr * sign(grad): compare at a fraction of lr
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=0, msg=k)
     ma, mb = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert ma[0]["reward"] == pytest.approx(mb[0]["reward"]) and ma[0]["completion_length"] == mb[0]["completion_length"]
+    assert ma[0]["completions/mean_length"] == mb[0]["completions/mean_length"]
+    for k in ("reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio", "entropy"):
+        assert ma[0][k] == pytest.approx(mb[0][k], rel=1e-4), k
 
 
 def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
@@ -72,8 +74,11 @@ def test_grpo_trains_connector_and_llm_not_vision(setup, tmp_path):
     assert any(k.startswith("connector.") for k in changed)
     assert any(k.startswith("language_model.model.layers.") for k in changed)
     row = metrics(tmp_path / "r")[0]
-    for key in ("reward", "reward_std", "rewards/accuracy", "rewards/format", "completion_length", "kl", "clip_ratio", "lr"):
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/accuracy/mean", "rewards/format/mean",
+                "rewards/temporal/mean", "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio",
+                "entropy", "lr"):
         assert key in row
+    assert row["entropy"] > 0
 
 
 def one_prompt(d, tmp_path):
@@ -97,13 +102,37 @@ def test_logged_rewards_of_known_completions(setup, tmp_path, monkeypatch):
              "no tags at all"]                                             # broken: FR 0, AR 0
     monkeypatch.setattr(M, "decode_completions", lambda tok, ids, mask: list(texts))
     train.main(GRPO + ["--init", str(init), "--data", str(data_file), "--out", str(tmp_path / "r"),
-                       "--max-steps", "1", "--prompts-per-rank", "1", "--ml", "60"])
+                       "--max-steps", "1", "--prompts-per-rank", "1", "--ml", "60", "--sample-every", "1"])
     row = metrics(tmp_path / "r")[0]
-    assert row["rewards/format"] == pytest.approx((0.75 + 1.0) / 4)
-    assert row["rewards/accuracy"] == pytest.approx(2 / 4)
-    assert row["reward"] == pytest.approx((1.75 - 1.0 - 2.0 - 2.0) / 4)  # eq. (4)
+    assert row["rewards/format/mean"] == pytest.approx((0.75 + 1.0) / 4)
+    assert row["rewards/accuracy/mean"] == pytest.approx(2 / 4)
+    rewards = [1.75, -1.0, -2.0, -2.0]                                     # eq. (4)
+    assert row["reward"] == pytest.approx(sum(rewards) / 4)
+    mean = sum(rewards) / 4                                                # one group: its unbiased std
+    assert row["reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 3) ** 0.5)
+    assert row["frac_reward_zero_std"] == 0.0
     assert row["well_formed"] == pytest.approx(2 / 4)
     assert row["think_length"] == pytest.approx((30 + 90) / 2)  # characters, well-formed ones only
+    saved = [json.loads(l) for l in (tmp_path / "r/completions.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["prompt_id"], c["completion"]) for c in saved] == [(1, 0, t) for t in texts]
+    assert [c["reward"] for c in saved] == pytest.approx(rewards)
+    assert [c["accuracy"] for c in saved] == [1.0, 0.0, 1.0, 0.0] and [c["format"] for c in saved] == \
+        pytest.approx([0.75, 1.0, 0.0, 0.0])
+
+
+def test_logged_lengths_of_known_completions(setup, tmp_path, monkeypatch):
+    """Four hand-made completions of at most 3 tokens: one runs out of tokens before its eos (clipped)."""
+    d, init = setup
+    data_file, _, _ = one_prompt(d, tmp_path)
+    e, x = M.from_pretrained(init)[1].eos_token_id, 5
+    ids = torch.tensor([[x, x, e], [x, e, e], [x, x, x], [e, e, e]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])   # up to and including the first eos
+    monkeypatch.setattr(M, "sample", lambda *a, **k: (ids.clone(), mask.clone()))
+    train.main(GRPO + ["--init", str(init), "--data", str(data_file), "--out", str(tmp_path / "r"),
+                       "--max-steps", "1", "--prompts-per-rank", "1", "--max-new-tokens", "3"])
+    row = metrics(tmp_path / "r")[0]
+    assert row["completions/mean_length"] == pytest.approx((3 + 2 + 3 + 1) / 4)
+    assert row["completions/clipped_ratio"] == pytest.approx(1 / 4)
 
 
 @pytest.mark.parametrize("shuffled_right, paid", [(1, True), (2, False)])
@@ -120,7 +149,7 @@ def test_logged_temporal_bonus(setup, tmp_path, monkeypatch, shuffled_right, pai
     row = metrics(tmp_path / "r")[0]
     bonus = 0.3 * 2 / 4 if paid else 0.0  # alpha on each of the 2 right ones
     fr = 0.5 + 1 / 60 * 0.5               # one character of thought
-    assert row["rewards/temporal"] == pytest.approx(bonus)
+    assert row["rewards/temporal/mean"] == pytest.approx(bonus)
     assert row["reward"] == pytest.approx((2 * (1 + fr) - 2 * fr) / 4 + bonus)  # eq. (4) + the bonus
 
 
@@ -221,7 +250,7 @@ def test_resume_repeats_an_uninterrupted_run(setup, tmp_path):
     full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [3, 4]
     for a, b in zip(full[2:], resumed):
-        for k in ("reward", "rewards/accuracy", "completion_length", "kl", "grad_norm"):
+        for k in ("reward", "rewards/accuracy/mean", "completions/mean_length", "kl", "entropy", "grad_norm"):
             assert a[k] == b[k], (k, a[k], b[k])
     wa, wb = weights(tmp_path / "full/final"), weights(tmp_path / "cut/final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
