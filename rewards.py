@@ -12,8 +12,9 @@ Departures from the reference code (ZhangXJ199/TinyLLaVA-Video-R1's reward funct
    non-letter ("B", "B. sheep", "B)"). The reference's `startswith` also accepts "Because" for B.
 3. No math-equivalence check (the answers here are letters).
 4. Newlines: the format rule and the answer tag of eq. (3)-(4) match across newlines (the reference's
-   format check uses DOTALL too); `reference_reward` reads the answer tag as the reference's accuracy
-   check does, on one line only.
+   format check uses DOTALL too), and so does `parse_answer`, in training and in evaluate.py's default
+   protocol. `reference_reward` reads the answer tag as the reference's accuracy check does, on one
+   line only, and so do the reference's evaluation parsers (evaluate.py --protocol reference).
 
 Try: python rewards.py   (prints the reward of a few completions)
 """
