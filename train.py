@@ -382,22 +382,25 @@ def grpo_log_row(metrics, stats, sec_rollout, tgrpo, device):
     flat = lambda k: [v for m in ms for v in m[k]]
     think = [c for c, ok in zip(flat("think_chars"), flat("well_formed")) if ok]
     group_std = [torch.tensor(m["reward"]).std().item() for m in ms]
-    sums = all_sum([sum(flat("reward")), sum(flat("acc")), sum(flat("fmt")), sum(flat("length")),
-                    sum(flat("clipped")), len(flat("reward")), sum(group_std), sum(s == 0 for s in group_std),
-                    len(ms), sum(s["kl"] for s in stats), sum(s["clip_ratio"] for s in stats),
-                    sum(s["entropy"] for s in stats), len(stats), len(metrics) - len(ms), len(think), sum(think),
-                    sum(flat("bonus"))], device)
-    (r_sum, acc, fmt, length, clipped, n, std_sum, zero_std, n_groups, kl, clip, entropy, n_stats, skipped,
-     n_ok, think_sum, bonus) = sums
-    n, n_groups, n_stats = max(n, 1), max(n_groups, 1), max(n_stats, 1)
-    row = {"reward": r_sum / n, "reward_std": std_sum / n_groups, "frac_reward_zero_std": zero_std / n_groups,
-           "rewards/accuracy/mean": acc / n, "rewards/format/mean": fmt / n,
-           "completions/mean_length": length / n, "completions/clipped_ratio": clipped / n,
-           "kl": kl / n_stats, "clip_ratio": clip / n_stats, "entropy": entropy / n_stats,
-           "well_formed": n_ok / n, "think_length": think_sum / max(n_ok, 1), "skipped": int(skipped),
-           "sec_rollout": sec_rollout}
+    # the sums over this rank's groups, then over all ranks (all_sum): each row value is a ratio of two
+    sums = {"reward": flat("reward"), "acc": flat("acc"), "fmt": flat("fmt"), "length": flat("length"),
+            "clipped": flat("clipped"), "bonus": flat("bonus"), "ok": flat("well_formed"), "think": think,
+            "std": group_std, "zero_std": [s == 0 for s in group_std],
+            "skipped": [m is None for m in metrics],
+            **{k: [s[k] for s in stats] for k in ("kl", "clip_ratio", "entropy")}}
+    counts = {"n": len(flat("reward")), "groups": len(ms), "stats": len(stats)}
+    t = dict(zip([*sums, *counts], all_sum([sum(v) for v in sums.values()] + list(counts.values()), device)))
+    n, groups, n_stats = (max(t[k], 1) for k in ("n", "groups", "stats"))
+    row = {"reward": t["reward"] / n, "reward_std": t["std"] / groups,
+           "frac_reward_zero_std": t["zero_std"] / groups,
+           "rewards/accuracy/mean": t["acc"] / n, "rewards/format/mean": t["fmt"] / n,
+           "completions/mean_length": t["length"] / n, "completions/clipped_ratio": t["clipped"] / n,
+           "kl": t["kl"] / n_stats, "clip_ratio": t["clip_ratio"] / n_stats,
+           "entropy": t["entropy"] / n_stats,
+           "well_formed": t["ok"] / n, "think_length": t["think"] / max(t["ok"], 1),
+           "skipped": int(t["skipped"]), "sec_rollout": sec_rollout}
     if tgrpo:
-        row["rewards/temporal/mean"] = bonus / n
+        row["rewards/temporal/mean"] = t["bonus"] / n
     if ms:
         row["sample"] = (ms[0]["texts"][0], ms[0]["reward"][0], ms[0]["answer"])
     row["groups"] = metrics  # this rank's, for completions.jsonl
@@ -409,7 +412,8 @@ def save_completions(path, step, prompt_ids, metrics):
     line per completion with the step, the prompt's id (its record's index in --data), the text and its
     rewards (total of eq. 4, accuracy AR, format FR). metrics: this rank's groups (grpo_log_row)."""
     rows = [dict(step=step, prompt_id=i, completion=t, reward=r, accuracy=a, format=f)
-            for i, m in zip(prompt_ids, metrics) if m for t, r, a, f in zip(m["texts"], m["reward"], m["acc"], m["fmt"])]
+            for i, m in zip(prompt_ids, metrics) if m
+            for t, r, a, f in zip(m["texts"], m["reward"], m["acc"], m["fmt"])]
     if dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, rows)
@@ -661,7 +665,8 @@ def log_step(path, row, total, eta, wandb_project, log, show_sample):
             wandb.log(row, step=row["step"])
     r, parts = row, [f"step {row['step']:5d}/{total}"]
     if "reward" in r:  # GRPO
-        parts += [f"reward {r['reward']:+.3f} ± {r['reward_std']:.3f}", f"acc {r['rewards/accuracy/mean']:.3f}",
+        parts += [f"reward {r['reward']:+.3f} ± {r['reward_std']:.3f}",
+                  f"acc {r['rewards/accuracy/mean']:.3f}",
                   f"format {r['rewards/format/mean']:.3f} (well-formed {r['well_formed']:.2f}, "
                   f"think {r['think_length']:.0f} ch)", f"len {r['completions/mean_length']:6.1f}",
                   f"kl {r['kl']:.4f}", f"clip {r['clip_ratio']:.3f}", f"entropy {r['entropy']:.2f}"]
