@@ -34,7 +34,7 @@ import random
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,6 +359,31 @@ def thought_agreement(rows, problems):
             "agree": pct(sum(s is not None and s == r["prediction"] for s, r in zip(said, scored)))}
 
 
+def repeats(text, n=4, times=3):
+    """Does some sequence of n words occur `times` times or more in `text` (padding such as "the answer
+    the answer the answer the answer ...")? Words are split on white space. Returns bool."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return any(c >= times for c in Counter(grams).values())
+
+
+def padded(rows):
+    """The share (in %) of scored Reason-mode rows whose thought (the text before the first </think>)
+    repeats a 4-word sequence 3 times or more (repeats)."""
+    scored = [r for r in rows if "error" not in r]
+    thought = lambda r: r["completion"].split("</think>")[0].replace("<think>", " ")
+    return 100.0 * sum(repeats(thought(r)) for r in scored) / max(1, len(scored))
+
+
+def grpo_trend(run, n=20):
+    """Means of a GRPO run's first and last n steps (metrics.jsonl): {"length": (tokens, tokens),
+    "accuracy": (AR, AR), "format": (FR, FR)}; over all its steps when it has fewer than n."""
+    rows = [json.loads(l) for l in data.read_text(Path(run) / "metrics.jsonl").splitlines()]
+    mean = lambda part, k: sum(r[k] for r in part) / len(part)
+    keys = {"length": "completions/mean_length", "accuracy": "rewards/accuracy/mean", "format": "rewards/format/mean"}
+    return {name: (mean(rows[:n], k), mean(rows[-n:], k)) for name, k in keys.items()}
+
+
 def paired_comparison(rows_a, rows_b):
     """Is model A's accuracy different from model B's on the same items, or within the test set's noise?
     McNemar's exact test: only the items that one model gets right and the other wrong tell the two apart;
@@ -413,11 +438,12 @@ def task_table(summary):
 # -----------------------------------------------------------------------------
 # The shapes pipeline's report (train.py shapes)
 
-def shapes_report(results, test_file):
+def shapes_report(results, test_file, run):
     """Print the pipeline's results: the Table-1 layout; R1 against the cold start and the base on the
     same clips (a few clips either way are the test set's noise: McNemar's test on the clips only one
-    model gets right); per question type; whether each Reason row's letter follows from its thought
-    (adds r["thoughts"] to those rows). Returns the comparisons."""
+    model gets right); per question type; whether each Reason row's letter follows from its thought and
+    how many thoughts are padding (adds r["thoughts"] to those rows); the GRPO run's first and last 20
+    steps (grpo_trend, added to the returned dict as "grpo"). Returns the comparisons."""
     print(f"\nshapes test set ({len(results[0]['items'])} clips), accuracy in %:")
     print(table(results))
     comparisons = {f"R1 - {who}": paired_comparison(results[2]["items"], results[k]["items"])
@@ -430,9 +456,14 @@ def shapes_report(results, test_file):
     problems = {it.id: it.problem for it in load_jsonl(test_file)}
     print("\nthe thoughts (Reason mode; evaluate.thought_agreement):")
     for r in results[1:]:
-        r["thoughts"] = t = thought_agreement(r["items"], problems)
+        r["thoughts"] = t = dict(thought_agreement(r["items"], problems), padded=padded(r["items"]))
         print(f"  {r['name']}: the thought names an option in {t['stated']:.0f}%, the right one in "
-              f"{t['read_off']:.0f}% (read off), the tag's letter in {t['agree']:.0f}%")
+              f"{t['read_off']:.0f}% (read off), the tag's letter in {t['agree']:.0f}%; {t['padded']:.0f}% "
+              f"repeat a 4-word sequence 3 times or more")
+    comparisons["grpo"] = g = grpo_trend(run)
+    print(f"\nGRPO, mean of the first 20 steps -> the last 20: completion length {g['length'][0]:.1f} -> "
+          f"{g['length'][1]:.1f} tokens, accuracy reward {g['accuracy'][0]:.2f} -> {g['accuracy'][1]:.2f}, "
+          f"format reward {g['format'][0]:.2f} -> {g['format'][1]:.2f}")
     return comparisons
 
 

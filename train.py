@@ -809,7 +809,7 @@ def shapes_pipeline(argv):
         res.parent.mkdir(parents=True, exist_ok=True)
         stage(f"eval {ckpt.name} ({mode})", res, lambda: evaluate.run(ev))
         results.append(json.loads(res.read_text()))
-    comparisons = evaluate.shapes_report(results, d / "test.jsonl")
+    comparisons = evaluate.shapes_report(results, d / "test.jsonl", r1)
     print(f"\ntotal time {(time.time() - t_all) / 60:.1f} min (this run's stages: "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + ")")
     return {"results": results, "comparisons": comparisons, "times": times, "curves": r1 / "curves.csv"}

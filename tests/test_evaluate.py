@@ -253,3 +253,23 @@ def test_paired_comparison_by_hand():
     assert E.paired_comparison(a7, b_err)["n"] == 13  # left out in both
     with pytest.raises(ValueError, match="different items"):
         E.paired_comparison(a7, b7[:-1])
+
+
+def test_repeats_and_padded_by_hand():
+    pad = "<think>the answer the answer the answer the answer is left</think> <answer>A</answer>"
+    assert E.repeats("the answer the answer the answer the answer is left")   # "the answer the answer" x3
+    assert not E.repeats("the answer the answer the answer is left")           # x2 only
+    assert not E.repeats("a b c d a b c d x a b c d", times=4) and E.repeats("a b c d a b c d x a b c d")
+    rows = [{"id": "0", "completion": pad}, {"id": "1", "completion": "<think>It moves left.</think>"},
+            {"id": "2", "completion": "<think>x</think> the answer the answer the answer the answer"},  # after
+            {"id": "3", "error": "no video"}]
+    assert E.padded(rows) == pytest.approx(100 / 3)
+
+
+def test_grpo_trend_by_hand(tmp_path):
+    rows = [{"step": k + 1, "completions/mean_length": 10.0 + k, "rewards/accuracy/mean": k / 100,
+             "rewards/format/mean": 0.5} for k in range(30)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = E.grpo_trend(tmp_path)
+    assert got["length"] == pytest.approx((10 + 9.5, 10 + 19.5))      # steps 1-20 and 11-30
+    assert got["accuracy"] == pytest.approx((0.095, 0.195)) and got["format"] == (0.5, 0.5)

@@ -23,10 +23,11 @@ def test_shapes_pipeline_smoke(tmp_path, capsys):
     assert "| Model | Answer Type | shapes / NextQA-format |" in printed
     problems = {str(k): json.loads(l)["problem"] for k, l in enumerate((out / "data/test.jsonl").read_text().splitlines())}
     for r in res["results"][1:]:  # the Reason-mode rows: does the letter follow from the thought?
-        assert r["thoughts"] == evaluate.thought_agreement(r["items"], problems)
+        assert r["thoughts"] == dict(evaluate.thought_agreement(r["items"], problems), padded=evaluate.padded(r["items"]))
         assert f"{r['name']}: the thought names an option in {r['thoughts']['stated']:.0f}%" in printed
     r1, cold, base = (r["items"] for r in res["results"][::-1])
-    assert res["comparisons"] == {"R1 - cold start": evaluate.paired_comparison(r1, cold),
+    assert res["comparisons"] == {"grpo": evaluate.grpo_trend(out / "r1"),
+                                  "R1 - cold start": evaluate.paired_comparison(r1, cold),
                                   "R1 - base": evaluate.paired_comparison(r1, base)}
     assert f"R1 - base: {res['comparisons']['R1 - base']['diff']:+.1f} points" in printed
     curves = (out / "r1/curves.csv").read_text().splitlines()
