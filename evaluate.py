@@ -567,7 +567,7 @@ def settings(**overrides):
 # passes --temperature 0, which turns sampling off; the others call generate(do_sample=True) with
 # transformers' defaults, T = 1 and top-k 50. All allow 1,024 new tokens.
 REFERENCE_DECODING = {"mvbench": dict(temperature=0.0, top_k=0)}
-REFERENCE_SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=1024, reason_sep="newline")
+REFERENCE_SAMPLING = dict(temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=1024)
 
 # Table 1 of the paper (16 frames), printed beside a result.
 PAPER = {"mvbench": (49.0, 33.2, 49.5), "videomme": (42.2, 26.6, 46.6), "mlvu": (49.2, 28.6, 52.4),
@@ -575,9 +575,9 @@ PAPER = {"mvbench": (49.0, 33.2, 49.5), "videomme": (42.2, 26.6, 46.6), "mlvu": 
 
 
 def protocol_settings(args):
-    """args with the reference protocol's decoding filled in (REFERENCE_*), and the items' loader
-    hook: under it MVBench's start/end bounds apply to frame folders only, as its loader does.
-    Raises UserError for --protocol reference in Option mode."""
+    """args with the reference protocol's decoding filled in (REFERENCE_*); unchanged for "ours".
+    (Its prompts are prompt_for's, its MVBench bounds load_items'.) Raises UserError for --protocol
+    reference in Option mode."""
     if args.protocol == "ours":
         return args
     if args.mode != "reason":
@@ -639,7 +639,9 @@ def run(args):
                  print0, args.batch_size)
         if world > 1:
             dist.barrier()
-        per_seed.append([json.loads(l) for r in range(world) for l in Path(f"{part}.rank{r}.jsonl").read_text().splitlines()])
+        if rank == 0:  # it gathers the ranks' rows and writes the result
+            per_seed.append([json.loads(l) for r in range(world)
+                             for l in Path(f"{part}.rank{r}.jsonl").read_text().splitlines()])
     result = _write_result(args, per_seed) if rank == 0 else None
     if dist.is_initialized():
         dist.destroy_process_group()
