@@ -59,11 +59,13 @@ def test_a_run_folder_belongs_to_one_run(setup, tmp_path):
 def test_resume_truncates_the_log_and_removes_killed_saves(setup, tmp_path):
     d, init = setup
     args = GRPO + ["--init", str(init), "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "r"),
-                   "--max-steps", "4", "--save-every", "2", "--prompts-per-rank", "2"]
+                   "--max-steps", "4", "--save-every", "2", "--prompts-per-rank", "2", "--sample-every", "1"]
     train.main(args)
     (tmp_path / "r/step-000004.tmp4242").mkdir()          # a save killed midway
     train.main(args + ["--resume", str(tmp_path / "r/step-000002")])
     assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2, 3, 4]
+    saved = [json.loads(l)["step"] for l in (tmp_path / "r/completions.jsonl").read_text().splitlines()]
+    assert saved == [s for s in (1, 2, 3, 4) for _ in range(2 * 4)]   # 2 prompts x G = 4 a step, once each
     assert not (tmp_path / "r/step-000004.tmp4242").exists()
 
 
