@@ -328,15 +328,20 @@ def summarize(bench, rows):
 STATED = re.compile(r"So the answer is (.+?), which is option")  # the closing sentence of data.explain
 
 
+def thought_text(completion):
+    """The thought of a completion: the text before its first </think>, all of it when the thought is
+    never closed (a broken completion still says what it thought). Characters, <think> included."""
+    return completion.split("</think>")[0]
+
+
 def stated_answer(completion, problem):
     """The option that a completion's thought names in data.explain's closing sentence, as a letter: "... So
     the answer is left, which is option A." in a problem whose options hold "C. left" gives "C". Read from
     the option's words, not from the letter after "option", which GRPO can rewrite ("which is option
-    answer."). The thought is the text before the first </think>, read to the end when it is never closed
-    (a broken completion still says what it thought), and must hold <think>. Returns None when it does not,
+    answer."). The thought (thought_text) must hold <think>. Returns None when it does not,
     when it holds no such sentence, or when the sentence's words are not an option of `problem` ("So the
     answer is one, ..." in a direction question)."""
-    think = completion.split("</think>")[0]
+    think = thought_text(completion)
     m = STATED.search(think) if "<think>" in think else None
     if m is None:
         return None
@@ -371,14 +376,14 @@ def padded(rows):
     """The share (in %) of scored Reason-mode rows whose thought (the text before the first </think>)
     repeats a 4-word sequence 3 times or more (repeats)."""
     scored = [r for r in rows if "error" not in r]
-    thought = lambda r: r["completion"].split("</think>")[0].replace("<think>", " ")
-    return 100.0 * sum(repeats(thought(r)) for r in scored) / max(1, len(scored))
+    thoughts = [thought_text(r["completion"]).replace("<think>", " ") for r in scored]
+    return 100.0 * sum(map(repeats, thoughts)) / max(1, len(scored))
 
 
 def grpo_trend(run, n=20):
     """Means of a GRPO run's first and last n steps (metrics.jsonl): {"length": (tokens, tokens),
     "accuracy": (AR, AR), "format": (FR, FR)}; over all its steps when it has fewer than n."""
-    rows = [json.loads(l) for l in data.read_text(Path(run) / "metrics.jsonl").splitlines()]
+    rows = read_metrics(run)
     mean = lambda part, k: sum(r[k] for r in part) / len(part)
     keys = {"length": "completions/mean_length", "accuracy": "rewards/accuracy/mean", "format": "rewards/format/mean"}
     return {name: (mean(rows[:n], k), mean(rows[-n:], k)) for name, k in keys.items()}
@@ -472,6 +477,12 @@ CURVES = {"grpo": ["completions/mean_length", "rewards/accuracy/mean", "rewards/
           "sft": ["loss", "grad_norm", "lr"]}
 
 
+def read_metrics(run):
+    """The rows of a run's metrics.jsonl, one dict per logged step. Raises UserError when the file is
+    missing or unreadable (data.read_text)."""
+    return [json.loads(l) for l in data.read_text(Path(run) / "metrics.jsonl").splitlines() if l.strip()]
+
+
 def write_curves(run):
     """A run's curves from its metrics.jsonl (`python train.py plot RUN`): curves.csv with every number
     logged (a column per key; empty where a step did not log it), and with matplotlib curves.png, one
@@ -479,8 +490,7 @@ def write_curves(run):
     reward, kl and entropy; an SFT run: loss, grad_norm, lr). Returns the CSV's path.
     Raises UserError when the folder holds no metrics.jsonl rows."""
     run = Path(run)
-    path = run / "metrics.jsonl"
-    rows = [json.loads(l) for l in data.read_text(path).splitlines() if l.strip()]
+    rows = read_metrics(run)
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float))))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
     (run / "curves.csv").write_text("\n".join(lines) + "\n")
